@@ -1,0 +1,4 @@
+//! xlb's controller as a library: the binary, the tests and the benchmarks
+//! all drive the data plane through these modules.
+
+pub mod dataplane;

@@ -1,0 +1,3 @@
+fn main() {
+    println!("{}", xlb::dataplane::XDP_OBJECT.len());
+}

@@ -1,0 +1,1 @@
+//! xlb tests: see `tests/`.
