@@ -60,6 +60,7 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const VIP_ADDRS: &str = "VIP_ADDRS";
     pub const DECAP_ADDRS: &str = "DECAP_ADDRS";
 }
 
@@ -102,7 +103,7 @@ pub fn ip_from_addr(family: u8, addr: &Addr) -> Option<IpAddr> {
 /// Key of the `VIPS` hash map. `port` is in network byte order; 0 is the
 /// wildcard that matches any destination port of `proto`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct VipKey {
     pub addr: Addr,
     pub port: u16,
@@ -184,7 +185,7 @@ pub struct Settings {
 /// Key of the connection table (an LRU hash per CPU). Ports in network
 /// byte order, as on the wire.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FlowKey {
     pub src: Addr,
     pub dst: Addr,
@@ -221,10 +222,11 @@ impl Traffic {
     }
 }
 
-/// Key of `DECAP_ADDRS`: an outer destination the decap program accepts.
+/// An address alone: key of `VIP_ADDRS` (every address some VIP is on) and
+/// of `DECAP_ADDRS` (outer destinations the decap program accepts).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct DecapKey {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AddrKey {
     pub addr: Addr,
     pub family: u8,
     pub _pad: [u8; 3],
@@ -277,8 +279,16 @@ pub enum Counter {
     PassNotIp,
     /// Verdict: IP, but not to a VIP (or not TCP/UDP), passed untouched.
     PassNotVip,
-    /// Verdict: headers truncated or inconsistent.
+    /// Verdict: headers too short or inconsistent to tell whether the packet
+    /// is for a VIP, and its destination address is no VIP's: left to the
+    /// kernel, which drops what it cannot parse either.
+    PassMalformed,
+    /// Verdict: headers truncated or inconsistent, to a VIP address.
     DropMalformed,
+    /// Verdict: a fragment to an address with no port-wildcard VIP for its
+    /// protocol. Only the first fragment carries ports, so no port-specific
+    /// VIP can claim all fragments of a datagram.
+    DropFragment,
     /// Verdict: the VIP has no ring, or the slot's backend is not programmed.
     DropNoBackend,
     /// Verdict: the encapsulated packet would exceed the egress MTU.
@@ -317,10 +327,12 @@ pub enum Counter {
 }
 
 impl Counter {
-    pub const ALL: [Counter; 20] = [
+    pub const ALL: [Counter; 22] = [
         Counter::PassNotIp,
         Counter::PassNotVip,
+        Counter::PassMalformed,
         Counter::DropMalformed,
+        Counter::DropFragment,
         Counter::DropNoBackend,
         Counter::DropTooBig,
         Counter::DropNoRoute,
@@ -346,7 +358,9 @@ impl Counter {
         match self {
             Counter::PassNotIp => "pass_not_ip",
             Counter::PassNotVip => "pass_not_vip",
+            Counter::PassMalformed => "pass_malformed",
             Counter::DropMalformed => "drop_malformed",
+            Counter::DropFragment => "drop_fragment",
             Counter::DropNoBackend => "drop_no_backend",
             Counter::DropTooBig => "drop_too_big",
             Counter::DropNoRoute => "drop_no_route",
@@ -383,7 +397,7 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowState {}
     unsafe impl aya::Pod for Traffic {}
-    unsafe impl aya::Pod for DecapKey {}
+    unsafe impl aya::Pod for AddrKey {}
     unsafe impl aya::Pod for VipFilter {}
 }
 
@@ -401,7 +415,7 @@ mod tests {
         assert_eq!(size_of::<Settings>(), 36);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<Traffic>(), 24);
-        assert_eq!(size_of::<DecapKey>(), 20);
+        assert_eq!(size_of::<AddrKey>(), 20);
     }
 
     #[test]

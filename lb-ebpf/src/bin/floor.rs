@@ -1,11 +1,45 @@
+//! Floor programs for the data-plane benchmark: what the balancer's cost is
+//! measured against in the same run. `floor_drop` is the fixed cost of a
+//! test run; `floor_tx` parses Ethernet, IPv4 and TCP, swaps the MACs and
+//! bounces the frame, the least any forwarding XDP program does.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use lb_ebpf::{
+    headers::{ETH_P_IPV4, EthHdr, Ipv4Hdr, TcpHdr},
+    packet::{read_at, write_at},
+};
 
 #[xdp]
 pub fn floor_drop(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_DROP
+}
+
+#[xdp]
+pub fn floor_tx(ctx: XdpContext) -> u32 {
+    parse_and_bounce(&ctx).unwrap_or(xdp_action::XDP_PASS)
+}
+
+#[inline(always)]
+fn parse_and_bounce(ctx: &XdpContext) -> Option<u32> {
+    let eth: EthHdr = read_at(ctx, 0)?;
+    if eth.ether_type != ETH_P_IPV4 {
+        return None;
+    }
+    let ip: Ipv4Hdr = read_at(ctx, size_of::<EthHdr>())?;
+    let header_len = usize::from(ip.version_ihl & 0x0f) * 4;
+    if ip.proto != lb_common::PROTO_TCP || header_len < size_of::<Ipv4Hdr>() {
+        return None;
+    }
+    let _tcp: TcpHdr = read_at(ctx, size_of::<EthHdr>() + header_len)?;
+    let swapped = EthHdr {
+        dst: eth.src,
+        src: eth.dst,
+        ether_type: eth.ether_type,
+    };
+    write_at(ctx, 0, swapped)?;
+    Some(xdp_action::XDP_TX)
 }
 
 #[cfg(not(test))]

@@ -1,0 +1,117 @@
+//! Step 5: wrap the client's IP packet in an outer IP header to the backend
+//! (IPIP, IPv6-in-IPv4, IPv4-in-IPv6 or IP6IP6, by the two families) and
+//! give it the next hop's Ethernet header. The inner packet is not touched.
+
+use aya_ebpf::{helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
+use lb_common::{Backend, Counter, FAMILY_V4, IPV4_HDR_LEN, IPV6_HDR_LEN, OUTER_TTL, Settings};
+use lb_ebpf::{
+    headers::{
+        ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, EthHdr, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_DF, Ipv4Hdr,
+        Ipv6Hdr, VlanHdr,
+    },
+    packet::{read_at, write_at},
+};
+
+use crate::{
+    nexthop::Route,
+    parse::{L2, Packet},
+};
+
+/// Bytes the outer header adds for a backend of this family.
+#[inline(always)]
+pub fn overhead(backend: &Backend) -> u32 {
+    if backend.family == FAMILY_V4 {
+        IPV4_HDR_LEN as u32
+    } else {
+        IPV6_HDR_LEN as u32
+    }
+}
+
+#[inline(always)]
+pub fn encapsulate(
+    ctx: &XdpContext,
+    l2: &L2,
+    pkt: &Packet,
+    backend: &Backend,
+    settings: &Settings,
+    route: &Route,
+) -> Result<(), Counter> {
+    // A tagged frame leaves with its tag: the backend is on the VLAN the
+    // client's packet came in on. Read the tag before the head moves.
+    let vlan: Option<VlanHdr> = if l2.len > size_of::<EthHdr>() {
+        Some(read_at(ctx, size_of::<EthHdr>()).ok_or(Counter::DropMalformed)?)
+    } else {
+        None
+    };
+    let overhead = overhead(backend);
+    // SAFETY: `ctx.ctx` is the program's own context; growing the head
+    // invalidates earlier packet pointers, and none is used afterwards.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(overhead as i32)) } != 0 {
+        return Err(Counter::DropEncapFailed);
+    }
+    let inner_proto = if pkt.flow.family == FAMILY_V4 {
+        IPPROTO_IPIP
+    } else {
+        IPPROTO_IPV6
+    };
+    let outer_type = if backend.family == FAMILY_V4 {
+        ETH_P_IPV4
+    } else {
+        ETH_P_IPV6
+    };
+    let eth = EthHdr {
+        dst: route.dmac,
+        src: route.smac,
+        ether_type: if vlan.is_some() {
+            ETH_P_8021Q
+        } else {
+            outer_type
+        },
+    };
+    write_at(ctx, 0, eth).ok_or(Counter::DropEncapFailed)?;
+    if let Some(vlan) = vlan {
+        let tag = VlanHdr {
+            tci: vlan.tci,
+            ether_type: outer_type,
+        };
+        write_at(ctx, size_of::<EthHdr>(), tag).ok_or(Counter::DropEncapFailed)?;
+    }
+    let written = if backend.family == FAMILY_V4 {
+        write_at(ctx, l2.len, outer_ipv4(pkt, backend, settings, inner_proto))
+    } else {
+        write_at(ctx, l2.len, outer_ipv6(pkt, backend, settings, inner_proto))
+    };
+    written.ok_or(Counter::DropEncapFailed)
+}
+
+#[inline(always)]
+fn outer_ipv4(pkt: &Packet, backend: &Backend, settings: &Settings, inner_proto: u8) -> Ipv4Hdr {
+    let mut hdr = Ipv4Hdr {
+        version_ihl: 0x45,
+        tos: pkt.tos,
+        tot_len: ((pkt.ip_len + IPV4_HDR_LEN as u32) as u16).to_be(),
+        id: 0,
+        // Never fragment the outer packet: the MTU check already
+        // dropped what would not fit.
+        frag_off: IPV4_DF.to_be(),
+        ttl: OUTER_TTL,
+        proto: inner_proto,
+        check: 0,
+        src: settings.src_v4,
+        dst: backend.addr[0],
+    };
+    hdr.check = hdr.checksum();
+    hdr
+}
+
+#[inline(always)]
+fn outer_ipv6(pkt: &Packet, backend: &Backend, settings: &Settings, inner_proto: u8) -> Ipv6Hdr {
+    Ipv6Hdr {
+        vcf: (6u32 << 28 | u32::from(pkt.tos) << 20).to_be(),
+        payload_len: (pkt.ip_len as u16).to_be(),
+        next_hdr: inner_proto,
+        hop_limit: OUTER_TTL,
+        src: settings.src_v6,
+        dst: backend.addr,
+    }
+}

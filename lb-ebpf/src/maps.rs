@@ -1,0 +1,78 @@
+//! Every map of the balancer and decap programs, in one place. Sizes here are
+//! defaults: the controller sets the real ones at load time.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_COMMON_LRU,
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    AddrKey, Backend, Counter, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
+    DEFAULT_RING_SIZE, FlowKey, FlowState, MAX_DECAP_ADDRS, MAX_TX_PORTS, NextHop, Settings,
+    Traffic, VipFilter, VipInfo, VipKey,
+};
+
+#[map]
+pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// Every address some VIP is on, with the number of VIPs on it: tells a
+/// malformed packet to a VIP (dropped) from one to another host (passed).
+#[map]
+pub static VIP_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+#[map]
+pub static VIP_FILTER: Array<VipFilter> = Array::with_max_entries(1, 0);
+
+/// All VIPs' Maglev rings back to back; a VIP's `ring_offset` and
+/// `ring_size` delimit its own. Each slot holds a backend id.
+#[map]
+pub static RINGS: Array<u32> = Array::with_max_entries(DEFAULT_RING_SIZE, 0);
+
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+#[map]
+pub static NEXTHOPS: Array<NextHop> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// One LRU list per CPU (`BPF_F_NO_COMMON_LRU`): inserts and evictions never
+/// contend across cores. A flow is normally seen by one CPU (RSS), so the
+/// per-CPU lists lose nothing.
+#[map]
+pub static CONNTRACK: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, BPF_F_NO_COMMON_LRU);
+
+#[map]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// Interfaces other than the ingress one that encapsulated packets may leave
+/// by, keyed by ifindex.
+#[map]
+pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
+
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[map]
+pub static VIP_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+#[map]
+pub static BACKEND_STATS: PerCpuArray<Traffic> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+#[map]
+pub static DECAP_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(MAX_DECAP_ADDRS, 0);
+
+/// Copies a value out of a hash map. The copy matters: userspace may rewrite
+/// the entry while the program runs, and a copy is one consistent read.
+#[inline(always)]
+pub fn hash_get<K, V: Copy>(map: &HashMap<K, V>, key: &K) -> Option<V> {
+    let ptr = map.get_ptr(key)?;
+    // SAFETY: a non-null pointer from a map lookup points at a live value of
+    // the map's value type until the program returns.
+    Some(unsafe { *ptr })
+}
+
+#[inline(always)]
+pub fn array_get<V: Copy>(map: &Array<V>, index: u32) -> Option<V> {
+    map.get(index).copied()
+}

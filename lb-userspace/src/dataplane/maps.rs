@@ -1,0 +1,436 @@
+//! One owner per BPF map. Each type takes its map(s) out of the loaded
+//! object, so no other code can write them, and checks what it writes
+//! against the limits the maps were created with.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, PerCpuArray, xdp::DevMapHash},
+};
+use lb_common::{
+    AddrKey, Backend, Counter, FAMILY_V4, FAMILY_V6, FlowKey, FlowState, NextHop, PROTO_TCP,
+    PROTO_UDP, Settings, Traffic, VipFilter, VipInfo, VipKey, addr_from_ip, map_names,
+};
+
+use super::{DataplaneError, Limits};
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DataplaneError::Missing { kind: "map", name })?;
+    T::try_from(map).map_err(DataplaneError::map(name))
+}
+
+fn check_range(what: &'static str, value: u64, limit: u64) -> Result<(), DataplaneError> {
+    if value > limit {
+        return Err(DataplaneError::OutOfRange { what, value, limit });
+    }
+    Ok(())
+}
+
+/// The VIP table and the two structures derived from it: the per-address
+/// VIP counts and the address prefilter. Writes are ordered so that the
+/// packet path never finds a filter bit or address entry without the VIP
+/// behind it being programmed first.
+pub struct VipTable {
+    vips: HashMap<MapData, VipKey, VipInfo>,
+    addrs: HashMap<MapData, AddrKey, u32>,
+    filter: Array<MapData, VipFilter>,
+    programmed: BTreeMap<VipKey, VipInfo>,
+    limits: Limits,
+}
+
+impl VipTable {
+    pub(super) fn new(ebpf: &mut Ebpf, limits: Limits) -> Result<Self, DataplaneError> {
+        Ok(Self {
+            vips: take(ebpf, map_names::VIPS)?,
+            addrs: take(ebpf, map_names::VIP_ADDRS)?,
+            filter: take(ebpf, map_names::VIP_FILTER)?,
+            programmed: BTreeMap::new(),
+            limits,
+        })
+    }
+
+    /// Adds or replaces a VIP.
+    pub fn insert(&mut self, key: VipKey, info: VipInfo) -> Result<(), DataplaneError> {
+        if !matches!(key.proto, PROTO_TCP | PROTO_UDP) {
+            return Err(DataplaneError::OutOfRange {
+                what: "VIP protocol (6 = TCP, 17 = UDP)",
+                value: key.proto.into(),
+                limit: PROTO_UDP.into(),
+            });
+        }
+        if !matches!(key.family, FAMILY_V4 | FAMILY_V6) {
+            return Err(DataplaneError::OutOfRange {
+                what: "VIP address family",
+                value: key.family.into(),
+                limit: FAMILY_V6.into(),
+            });
+        }
+        check_range("VIP id", info.id.into(), u64::from(self.limits.max_vips) - 1)?;
+        check_range(
+            "VIP ring end",
+            u64::from(info.ring_offset) + u64::from(info.ring_size),
+            self.limits.ring_capacity.into(),
+        )?;
+        self.vips
+            .insert(key, info, 0)
+            .map_err(DataplaneError::map(map_names::VIPS))?;
+        let is_new = self.programmed.insert(key, info).is_none();
+        if is_new {
+            let addr = addr_key(&key);
+            let count = self.vips_on(&addr);
+            self.addrs
+                .insert(addr, count, 0)
+                .map_err(DataplaneError::map(map_names::VIP_ADDRS))?;
+            self.write_filter()?;
+        }
+        Ok(())
+    }
+
+    /// Removes a VIP; `false` if it was not programmed.
+    pub fn remove(&mut self, key: &VipKey) -> Result<bool, DataplaneError> {
+        if self.programmed.remove(key).is_none() {
+            return Ok(false);
+        }
+        self.vips
+            .remove(key)
+            .map_err(DataplaneError::map(map_names::VIPS))?;
+        let addr = addr_key(key);
+        let count = self.vips_on(&addr);
+        if count == 0 {
+            self.addrs
+                .remove(&addr)
+                .map_err(DataplaneError::map(map_names::VIP_ADDRS))?;
+            self.write_filter()?;
+        } else {
+            self.addrs
+                .insert(addr, count, 0)
+                .map_err(DataplaneError::map(map_names::VIP_ADDRS))?;
+        }
+        Ok(true)
+    }
+
+    pub fn get(&self, key: &VipKey) -> Option<&VipInfo> {
+        self.programmed.get(key)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&VipKey, &VipInfo)> {
+        self.programmed.iter()
+    }
+
+    fn vips_on(&self, addr: &AddrKey) -> u32 {
+        self.programmed
+            .keys()
+            .filter(|key| addr_key(key) == *addr)
+            .count() as u32
+    }
+
+    fn write_filter(&mut self) -> Result<(), DataplaneError> {
+        let mut filter = VipFilter::default();
+        for key in self.programmed.keys() {
+            filter.insert(&key.addr);
+        }
+        self.filter
+            .set(0, filter, 0)
+            .map_err(DataplaneError::map(map_names::VIP_FILTER))
+    }
+}
+
+fn addr_key(key: &VipKey) -> AddrKey {
+    AddrKey {
+        addr: key.addr,
+        family: key.family,
+        _pad: [0; 3],
+    }
+}
+
+/// The flat ring storage all VIPs' rings live in.
+pub struct RingTable {
+    rings: Array<MapData, u32>,
+    capacity: u32,
+}
+
+impl RingTable {
+    pub(super) fn new(ebpf: &mut Ebpf, limits: Limits) -> Result<Self, DataplaneError> {
+        Ok(Self {
+            rings: take(ebpf, map_names::RINGS)?,
+            capacity: limits.ring_capacity,
+        })
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// Writes a whole ring at `offset`.
+    pub fn write(&mut self, offset: u32, slots: &[u32]) -> Result<(), DataplaneError> {
+        self.check(offset, slots.len())?;
+        for (index, backend_id) in (offset..).zip(slots) {
+            self.set(index, *backend_id)?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites a ring from `old` to `new` (same length), writing only the
+    /// slots that differ. Returns how many were written.
+    pub fn update(&mut self, offset: u32, old: &[u32], new: &[u32]) -> Result<usize, DataplaneError> {
+        self.check(offset, new.len())?;
+        if old.len() != new.len() {
+            self.write(offset, new)?;
+            return Ok(new.len());
+        }
+        let mut written = 0;
+        for ((index, before), after) in (offset..).zip(old).zip(new) {
+            if before != after {
+                self.set(index, *after)?;
+                written += 1;
+            }
+        }
+        Ok(written)
+    }
+
+    /// Reads `len` slots at `offset`, as the packet path sees them.
+    pub fn read(&self, offset: u32, len: u32) -> Result<Vec<u32>, DataplaneError> {
+        self.check(offset, len as usize)?;
+        (offset..offset + len)
+            .map(|index| {
+                self.rings
+                    .get(&index, 0)
+                    .map_err(DataplaneError::map(map_names::RINGS))
+            })
+            .collect()
+    }
+
+    fn check(&self, offset: u32, len: usize) -> Result<(), DataplaneError> {
+        check_range(
+            "ring end",
+            u64::from(offset) + len as u64,
+            self.capacity.into(),
+        )
+    }
+
+    fn set(&mut self, index: u32, backend_id: u32) -> Result<(), DataplaneError> {
+        self.rings
+            .set(index, backend_id, 0)
+            .map_err(DataplaneError::map(map_names::RINGS))
+    }
+}
+
+/// Backends by id: what ring slots point at.
+pub struct BackendTable {
+    backends: Array<MapData, Backend>,
+}
+
+impl BackendTable {
+    pub(super) fn new(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
+        Ok(Self {
+            backends: take(ebpf, map_names::BACKENDS)?,
+        })
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.backends.len()
+    }
+
+    pub fn set(&mut self, id: u32, backend: Backend) -> Result<(), DataplaneError> {
+        check_range("backend id", id.into(), u64::from(self.capacity()) - 1)?;
+        self.backends
+            .set(id, backend, 0)
+            .map_err(DataplaneError::map(map_names::BACKENDS))
+    }
+
+    /// Unprograms a backend: slots still pointing at it drop packets, flows
+    /// recorded to it take the ring again.
+    pub fn clear(&mut self, id: u32) -> Result<(), DataplaneError> {
+        self.set(id, Backend::default())
+    }
+
+    pub fn get(&self, id: u32) -> Result<Backend, DataplaneError> {
+        self.backends
+            .get(&id, 0)
+            .map_err(DataplaneError::map(map_names::BACKENDS))
+    }
+}
+
+/// Backends' next hops, kept current by the next-hop resolver.
+pub struct NextHopTable {
+    nexthops: Array<MapData, NextHop>,
+}
+
+impl NextHopTable {
+    pub(super) fn new(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
+        Ok(Self {
+            nexthops: take(ebpf, map_names::NEXTHOPS)?,
+        })
+    }
+
+    pub fn set(&mut self, backend_id: u32, hop: NextHop) -> Result<(), DataplaneError> {
+        check_range(
+            "backend id",
+            backend_id.into(),
+            u64::from(self.nexthops.len()) - 1,
+        )?;
+        self.nexthops
+            .set(backend_id, hop, 0)
+            .map_err(DataplaneError::map(map_names::NEXTHOPS))
+    }
+
+    /// Marks the entry stale: the packet path asks the FIB instead.
+    pub fn invalidate(&mut self, backend_id: u32) -> Result<(), DataplaneError> {
+        self.set(backend_id, NextHop::default())
+    }
+}
+
+pub struct SettingsTable {
+    settings: Array<MapData, Settings>,
+}
+
+impl SettingsTable {
+    pub(super) fn new(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
+        Ok(Self {
+            settings: take(ebpf, map_names::SETTINGS)?,
+        })
+    }
+
+    pub fn set(&mut self, settings: Settings) -> Result<(), DataplaneError> {
+        self.settings
+            .set(0, settings, 0)
+            .map_err(DataplaneError::map(map_names::SETTINGS))
+    }
+
+    pub fn get(&self) -> Result<Settings, DataplaneError> {
+        self.settings
+            .get(&0, 0)
+            .map_err(DataplaneError::map(map_names::SETTINGS))
+    }
+}
+
+/// Interfaces the balancer may redirect to, besides the ingress one.
+pub struct TxPorts {
+    ports: DevMapHash<MapData>,
+}
+
+impl TxPorts {
+    pub(super) fn new(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
+        Ok(Self {
+            ports: take(ebpf, map_names::TX_PORTS)?,
+        })
+    }
+
+    pub fn add(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        self.ports
+            .insert(ifindex, ifindex, None, 0)
+            .map_err(DataplaneError::TxPort)
+    }
+
+    pub fn remove(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        self.ports
+            .remove(ifindex)
+            .map_err(DataplaneError::map(map_names::TX_PORTS))
+    }
+}
+
+/// Tunnel endpoints the decap program accepts on a backend host.
+pub struct DecapTable {
+    addrs: HashMap<MapData, AddrKey, u32>,
+}
+
+impl DecapTable {
+    pub(super) fn new(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
+        Ok(Self {
+            addrs: take(ebpf, map_names::DECAP_ADDRS)?,
+        })
+    }
+
+    pub fn add(&mut self, addr: IpAddr) -> Result<(), DataplaneError> {
+        self.addrs
+            .insert(decap_key(addr), 1, 0)
+            .map_err(DataplaneError::map(map_names::DECAP_ADDRS))
+    }
+
+    pub fn remove(&mut self, addr: IpAddr) -> Result<(), DataplaneError> {
+        self.addrs
+            .remove(&decap_key(addr))
+            .map_err(DataplaneError::map(map_names::DECAP_ADDRS))
+    }
+}
+
+fn decap_key(ip: IpAddr) -> AddrKey {
+    let (family, addr) = addr_from_ip(ip);
+    AddrKey {
+        addr,
+        family,
+        _pad: [0; 3],
+    }
+}
+
+/// Reads the per-CPU counters, summed over CPUs, and the connection table.
+pub struct CounterReader {
+    counters: PerCpuArray<MapData, u64>,
+    vip_stats: PerCpuArray<MapData, Traffic>,
+    backend_stats: PerCpuArray<MapData, Traffic>,
+    conntrack: HashMap<MapData, FlowKey, FlowState>,
+}
+
+impl CounterReader {
+    pub(super) fn new(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
+        Ok(Self {
+            counters: take(ebpf, map_names::COUNTERS)?,
+            vip_stats: take(ebpf, map_names::VIP_STATS)?,
+            backend_stats: take(ebpf, map_names::BACKEND_STATS)?,
+            conntrack: take(ebpf, map_names::CONNTRACK)?,
+        })
+    }
+
+    pub fn global(&self, counter: Counter) -> Result<u64, DataplaneError> {
+        let values = self
+            .counters
+            .get(&(counter as u32), 0)
+            .map_err(DataplaneError::map(map_names::COUNTERS))?;
+        Ok(values.iter().sum())
+    }
+
+    /// Every global counter, in `Counter::ALL` order.
+    pub fn all_global(&self) -> Result<Vec<(Counter, u64)>, DataplaneError> {
+        Counter::ALL
+            .iter()
+            .map(|counter| Ok((*counter, self.global(*counter)?)))
+            .collect()
+    }
+
+    pub fn vip(&self, vip_id: u32) -> Result<Traffic, DataplaneError> {
+        sum_traffic(&self.vip_stats, vip_id, map_names::VIP_STATS)
+    }
+
+    pub fn backend(&self, backend_id: u32) -> Result<Traffic, DataplaneError> {
+        sum_traffic(&self.backend_stats, backend_id, map_names::BACKEND_STATS)
+    }
+
+    /// The backend the connection table holds for a flow.
+    pub fn flow(&self, flow: &FlowKey) -> Result<Option<u32>, DataplaneError> {
+        match self.conntrack.get(flow, 0) {
+            Ok(state) => Ok(Some(state.backend_id)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(DataplaneError::Map {
+                name: map_names::CONNTRACK,
+                source,
+            }),
+        }
+    }
+}
+
+fn sum_traffic(
+    map: &PerCpuArray<MapData, Traffic>,
+    index: u32,
+    name: &'static str,
+) -> Result<Traffic, DataplaneError> {
+    let values = map.get(&index, 0).map_err(DataplaneError::map(name))?;
+    let mut total = Traffic::default();
+    for value in values.iter() {
+        total.add(value);
+    }
+    Ok(total)
+}
