@@ -2,3 +2,4 @@
 //! all drive the data plane through these modules.
 
 pub mod dataplane;
+pub mod topology;
