@@ -23,20 +23,21 @@ pub fn pick_backend(vip: &VipInfo, pkt: &Packet, seed: u32) -> Result<Selection,
     // already sends every fragment of a datagram to one backend. A SYN skips
     // the lookup: it starts a new connection whatever an old entry says.
     let track = !pkt.fragment;
-    if track && !pkt.syn {
-        if let Some(backend_id) = conntrack::lookup(&pkt.flow) {
-            if let Some(backend) = programmed_backend(backend_id)
-                && backend.flags & BACKEND_F_UP != 0
-            {
-                count(Counter::ConnHit);
-                return Ok(Selection {
-                    backend_id,
-                    backend,
-                    new_flow: false,
-                });
-            }
-            count(Counter::ConnBackendDown);
+    if track
+        && !pkt.syn
+        && let Some(backend_id) = conntrack::lookup(&pkt.flow)
+    {
+        if let Some(backend) = programmed_backend(backend_id)
+            && backend.flags & BACKEND_F_UP != 0
+        {
+            count(Counter::ConnHit);
+            return Ok(Selection {
+                backend_id,
+                backend,
+                new_flow: false,
+            });
         }
+        count(Counter::ConnBackendDown);
     }
     count(Counter::ConnMiss);
     let backend_id = from_ring(vip, pkt, seed).ok_or(Counter::DropNoBackend)?;
