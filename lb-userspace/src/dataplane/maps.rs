@@ -19,7 +19,9 @@ fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf.take_map(name).ok_or(DataplaneError::Missing { kind: "map", name })?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DataplaneError::Missing { kind: "map", name })?;
     T::try_from(map).map_err(DataplaneError::map(name))
 }
 
@@ -69,7 +71,11 @@ impl VipTable {
                 limit: FAMILY_V6.into(),
             });
         }
-        check_range("VIP id", info.id.into(), u64::from(self.limits.max_vips) - 1)?;
+        check_range(
+            "VIP id",
+            info.id.into(),
+            u64::from(self.limits.max_vips) - 1,
+        )?;
         check_range(
             "VIP ring end",
             u64::from(info.ring_offset) + u64::from(info.ring_size),
@@ -176,7 +182,12 @@ impl RingTable {
 
     /// Rewrites a ring from `old` to `new` (same length), writing only the
     /// slots that differ. Returns how many were written.
-    pub fn update(&mut self, offset: u32, old: &[u32], new: &[u32]) -> Result<usize, DataplaneError> {
+    pub fn update(
+        &mut self,
+        offset: u32,
+        old: &[u32],
+        new: &[u32],
+    ) -> Result<usize, DataplaneError> {
         self.check(offset, new.len())?;
         if old.len() != new.len() {
             self.write(offset, new)?;

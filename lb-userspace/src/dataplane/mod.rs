@@ -2,7 +2,6 @@
 //! map (see [`maps`]). Nothing else in xlb touches a BPF map.
 
 pub mod maps;
-pub mod nexthop;
 
 use std::{collections::BTreeMap, ffi::CString};
 
@@ -11,7 +10,7 @@ use aya::{
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use lb_common::{
-    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_RING_CAPACITY,
+    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_RING_CAPACITY, NextHop,
     map_names, program_names,
 };
 
@@ -21,15 +20,17 @@ pub use self::maps::{
 };
 
 /// The XDP object built from `lb-ebpf` by this crate's build script.
-pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb"));
+pub static XDP_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb-dataplane"));
 
 /// Floor programs for the benchmarks, built alongside the data plane.
-pub static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/floor"));
+pub static FLOOR_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb-floor"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     #[error("loading the XDP object: {0}")]
-    Load(#[from] aya::EbpfError),
+    Load(#[source] Box<aya::EbpfError>),
     #[error("program {name}: {source}")]
     Program {
         name: &'static str,
@@ -45,7 +46,10 @@ pub enum DataplaneError {
     #[error("map TX_PORTS: {0}")]
     TxPort(#[source] aya::maps::xdp::XdpMapError),
     #[error("the XDP object has no {kind} named {name}")]
-    Missing { kind: &'static str, name: &'static str },
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
     #[error("no interface named {0:?}")]
     UnknownInterface(String),
     #[error("{program} is not attached to {interface}")]
@@ -53,11 +57,13 @@ pub enum DataplaneError {
         program: &'static str,
         interface: String,
     },
-    #[error("attaching to {interface}: native mode refused ({native}), generic mode too ({generic})")]
+    #[error(
+        "attaching to {interface}: native mode refused ({native}), generic mode too ({generic})"
+    )]
     AttachRefused {
         interface: String,
-        native: ProgramError,
-        generic: ProgramError,
+        native: Box<ProgramError>,
+        generic: Box<ProgramError>,
     },
     #[error("{what}: {value} is out of range (at most {limit})")]
     OutOfRange {
@@ -151,7 +157,8 @@ impl Dataplane {
             .map_max_entries(map_names::NEXTHOPS, limits.max_backends)
             .map_max_entries(map_names::BACKEND_STATS, limits.max_backends)
             .map_max_entries(map_names::CONNTRACK, limits.conntrack_size)
-            .load(XDP_OBJECT)?;
+            .load(XDP_OBJECT)
+            .map_err(|err| DataplaneError::Load(Box::new(err)))?;
         for role in [Role::Balancer, Role::Decap] {
             xdp_program(&mut ebpf, role.program_name())?
                 .load()
@@ -222,8 +229,8 @@ impl Dataplane {
                     Err(generic) => {
                         return Err(DataplaneError::AttachRefused {
                             interface: interface.to_owned(),
-                            native,
-                            generic,
+                            native: Box::new(native),
+                            generic: Box::new(generic),
                         });
                     }
                 },
@@ -249,6 +256,23 @@ impl Dataplane {
             .map_err(|source| DataplaneError::Program { name, source })
     }
 
+    /// Applies a next-hop resolution for a backend: a usable hop is written
+    /// (and its interface made a redirect target), `None` marks the entry
+    /// stale so the packet path falls back to the FIB.
+    pub fn set_next_hop(
+        &mut self,
+        backend_id: u32,
+        hop: Option<NextHop>,
+    ) -> Result<(), DataplaneError> {
+        match hop {
+            Some(hop) => {
+                self.tx_ports.add(hop.ifindex)?;
+                self.nexthops.set(backend_id, hop)
+            }
+            None => self.nexthops.invalidate(backend_id),
+        }
+    }
+
     /// Where each program is attached, and in which mode.
     pub fn attachments(&self) -> impl Iterator<Item = (Role, &str, AttachMode)> {
         self.links
@@ -272,5 +296,9 @@ pub fn interface_index(interface: &str) -> Result<u32, DataplaneError> {
     let name = CString::new(interface).map_err(|_| unknown())?;
     // SAFETY: `name` is a valid NUL-terminated string that outlives the call.
     let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if index == 0 { Err(unknown()) } else { Ok(index) }
+    if index == 0 {
+        Err(unknown())
+    } else {
+        Ok(index)
+    }
 }
