@@ -1,1 +1,41 @@
-fn main() {}
+//! xlb's benchmarks. Each subcommand is one benchmark; every figure it
+//! reports is a ratio to a floor measured in the same run, on the same
+//! machine state, because absolute nanoseconds drift with the VM's mood.
+//!
+//! Run through `cargo xtask bench NAME [ARGS]`, which sets the machine up
+//! first, or `cargo run --release -p xlb-bench -- NAME [ARGS]` (as root).
+
+mod dataplane;
+mod machine;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "xlb's benchmarks (run as root, in release mode)")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Per-packet cost of the XDP balancer through BPF_PROG_TEST_RUN, as
+    /// ratios to two floor programs measured in the same run.
+    Dataplane(dataplane::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.bench {
+        Bench::Dataplane(args) => dataplane::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
