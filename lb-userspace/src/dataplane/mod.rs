@@ -2,6 +2,7 @@
 //! map (see [`maps`]). Nothing else in xlb touches a BPF map.
 
 pub mod maps;
+pub mod nexthop;
 
 use std::{collections::BTreeMap, ffi::CString};
 
