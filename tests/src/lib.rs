@@ -1,1 +1,36 @@
-//! xlb tests: see `tests/`.
+//! xlb's test kit: everything the packet-level tests under `tests/` share,
+//! written to be read as the specification of the data plane's inputs and
+//! outputs.
+//!
+//! - [`world`]: the standard world — named clients, VIPs (TCP, UDP, IPv6,
+//!   port wildcards, client affinity, a VIP without a ring, an IPv4 VIP with
+//!   IPv6 backends), backends and their next hops, settings.
+//! - [`fixture`]: [`Fixture`] loads the real XDP object (the verifier runs
+//!   then), programs that world through the controller's own map owners,
+//!   and runs packets through the programs with BPF_PROG_TEST_RUN. It also
+//!   predicts a flow's backend from the ring, with the flow hash and slot
+//!   mapping of `lb-common` that the kernel runs.
+//! - [`packet`]: [`Pkt`] builds client frames with etherparse (TCP SYN or
+//!   ACK, UDP, ICMP, IPv4 or IPv6, a VLAN tag, IPv4 options, fragments).
+//! - [`expect`]: the exact frame the balancer must send for a packet
+//!   ([`encapsulated`]) or the decap program must pass up
+//!   ([`decapsulated`]), computed independently of the XDP code, and
+//!   [`parse_encap`], which checks an output frame with etherparse.
+//! - [`counters`]: counter snapshots and deltas, to assert exactly which
+//!   counters a packet moved.
+//!
+//! Every fixture lives in a network namespace of its own (see
+//! [`enter_private_netns`]), and [`privileged`] decides whether a test may
+//! skip for lack of root: only outside CI.
+
+pub mod counters;
+pub mod expect;
+pub mod fixture;
+pub mod packet;
+pub mod world;
+
+pub use counters::*;
+pub use expect::*;
+pub use fixture::*;
+pub use packet::*;
+pub use world::*;
