@@ -87,7 +87,9 @@ pub struct Limits {
     pub max_backends: u32,
     /// Slots of ring storage shared by all VIPs.
     pub ring_capacity: u32,
-    /// Connection-table entries (per CPU: the table keeps one LRU per CPU).
+    /// Connection-table entries in all. The kernel splits them evenly
+    /// between the CPUs' LRU lists (`BPF_F_NO_COMMON_LRU`), so one CPU
+    /// evicts once it holds `conntrack_size / CPUs` flows.
     pub conntrack_size: u32,
 }
 
