@@ -282,12 +282,7 @@ impl Fixture {
     /// How a packet to `backend_id` leaves in the standard world: next hop's
     /// MACs and the outer source address of the backend's family.
     pub fn egress(&self, backend_id: u32) -> Egress {
-        let hop = standard_nexthop(backend_id);
-        Egress {
-            smac: hop.smac,
-            dmac: hop.dmac,
-            outer_src: outer_src_for(backend(backend_id).addr),
-        }
+        standard_egress(backend_id)
     }
 
     /// The exact frame the balancer must send for `frame` when it picks
@@ -355,6 +350,17 @@ pub fn standard_nexthop(backend_id: u32) -> NextHop {
         dmac: nexthop_mac(backend_id),
         smac: NODE_MAC,
         flags: NEXTHOP_F_VALID,
+    }
+}
+
+/// How a packet to `backend_id` leaves with [`standard_nexthop`] and
+/// [`standard_settings`].
+pub fn standard_egress(backend_id: u32) -> Egress {
+    let hop = standard_nexthop(backend_id);
+    Egress {
+        smac: hop.smac,
+        dmac: hop.dmac,
+        outer_src: outer_src_for(backend(backend_id).addr),
     }
 }
 

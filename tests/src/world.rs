@@ -9,7 +9,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
-    FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VIP_F_CLIENT_AFFINITY, VipInfo, VipKey,
+    FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VIP_F_CLIENT_AFFINITY, VipFilter, VipInfo, VipKey,
     addr_from_ip,
 };
 
@@ -305,4 +305,15 @@ pub const VIPS: [VipDef; 10] = [
 /// Whether some VIP of the standard world is on this address.
 pub fn is_vip_address(addr: IpAddr) -> bool {
     VIPS.iter().any(|vip| vip.addr == addr)
+}
+
+/// The VIP address prefilter the controller derives from the standard
+/// world (the same `VipFilter` code the kernel reads): a destination whose
+/// bit is clear is rejected before its transport header is looked at.
+pub fn vip_filter() -> VipFilter {
+    let mut filter = VipFilter::default();
+    for vip in VIPS {
+        filter.insert(&addr_from_ip(vip.addr).1);
+    }
+    filter
 }

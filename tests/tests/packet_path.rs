@@ -688,6 +688,26 @@ fn flow_of_a_backend_marked_down_takes_the_ring_again() {
     moved.assert_counters(&[ConnHit, Tx]);
 }
 
+#[test]
+fn flow_of_an_unprogrammed_backend_takes_the_ring_again() {
+    let mut fx = fixture!();
+    let syn = Pkt::tcp_syn(CLIENT_V4, 40000, WEB_V4.addr, 80);
+    let Forwarded { backend: a, .. } =
+        assert_forwarded(&mut fx, &syn.build(), &WEB_V4, &syn.flow());
+
+    // The controller removes A altogether: out of the ring, unprogrammed.
+    let without_a: Vec<u32> = POOL_V4.iter().copied().filter(|b| *b != a).collect();
+    fx.set_pool(&WEB_V4, &without_a);
+    fx.dp.backends.clear(a).unwrap();
+
+    let ack = Pkt::tcp_ack(CLIENT_V4, 40000, WEB_V4.addr, 80);
+    let Forwarded {
+        backend: b, moved, ..
+    } = assert_forwarded(&mut fx, &ack.build(), &WEB_V4, &ack.flow());
+    assert_ne!(b, a);
+    moved.assert_counters(&[ConnBackendDown, ConnMiss, Tx]);
+}
+
 // Step 8: traffic counters per VIP and per backend.
 
 #[test]
