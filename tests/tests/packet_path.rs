@@ -336,7 +336,7 @@ fn client_affinity_sends_every_connection_of_a_client_to_one_backend() {
 #[test]
 fn ipv4_options_are_forwarded_as_received_and_counted() {
     let mut fx = fixture!();
-    // Router Alert (4 bytes) and a NOP-padded timestamp-less record: 8 bytes.
+    // Router Alert, then three NOPs and End of Options: 8 bytes of options.
     let pkt = Pkt::tcp_syn(CLIENT_V4, 40000, WEB_V4.addr, 80)
         .ipv4_options(&[0x94, 0x04, 0x00, 0x00, 0x01, 0x01, 0x01, 0x00])
         .payload(b"opt");
