@@ -299,7 +299,7 @@ fn program(dp: &mut Dataplane) -> Result<Vips> {
     let mut v4_backends = Vec::new();
     let mut v6_backends = Vec::new();
     for n in 0..BACKENDS_PER_FAMILY {
-        let v4 = IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 1, 0, 1)) + n));
+        let v4 = IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 1)) + n));
         let v6 = IpAddr::V6(Ipv6Addr::from(
             u128::from(Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1)) + u128::from(n),
         ));

@@ -375,11 +375,11 @@ pub fn arp_request() -> Vec<u8> {
     };
     let mut frame = eth.to_bytes().to_vec();
     // Hardware Ethernet, protocol IPv4, lengths 6 and 4, operation request,
-    // sender 02:c1::01 / 198.51.100.10, target ?? / 192.0.2.10.
+    // sender 02:c1::01 / 198.18.100.10, target ?? / 198.18.2.10.
     frame.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
     frame.extend_from_slice(&CLIENT_MAC);
-    frame.extend_from_slice(&[198, 51, 100, 10]);
+    frame.extend_from_slice(&[198, 18, 100, 10]);
     frame.extend_from_slice(&[0; 6]);
-    frame.extend_from_slice(&[192, 0, 2, 10]);
+    frame.extend_from_slice(&[198, 18, 2, 10]);
     frame
 }

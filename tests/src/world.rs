@@ -1,10 +1,11 @@
 //! The standard world every fixture programs: who the clients are, which
 //! VIPs exist, which backends serve them and how packets leave.
 //!
-//! Addresses come from the documentation ranges (clients in 198.51.100.0/24
-//! and 2001:db8:c::/48, VIPs in 192.0.2.0/24 and 2001:db8:f::/48) and from
-//! private space (backends in 10.0.1.0/24 and fd00:b::/64), so nothing here
-//! can be confused with a real host.
+//! Addresses come from the ranges the project keeps for its tests
+//! (198.18.0.0/15 and fd00::/8): clients in 198.18.100.0/24 and
+//! fd00:db8:c::/48, VIPs in 198.18.2.0/24 and fd00:db8:f::/48, backends in
+//! 198.19.1.0/24 and fd00:b::/64, so nothing here can be confused with a
+//! real host.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -35,16 +36,16 @@ pub const fn nexthop_mac(backend_id: u32) -> [u8; 6] {
 /// L3 MTU of every next hop in the standard world.
 pub const MTU: u32 = 1500;
 
-pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
-pub const CLIENT2_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 11);
-pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 0x10);
+pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 10);
+pub const CLIENT2_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 11);
+pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xdb8, 0xc, 0, 0, 0, 0, 0x10);
 
 /// Addresses that carry no VIP at all.
-pub const NOT_VIP_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 99);
-pub const NOT_VIP_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 0x99);
+pub const NOT_VIP_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 99);
+pub const NOT_VIP_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xdb8, 0xf, 0, 0, 0, 0, 0x99);
 
 /// Outer source addresses of encapsulated packets.
-pub const OUTER_SRC_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+pub const OUTER_SRC_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 100);
 pub const OUTER_SRC_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xa, 0, 0, 0, 0, 0, 0x100);
 
 /// The flow hash seed of the standard world.
@@ -61,7 +62,7 @@ pub struct BackendDef {
 const fn v4_backend(id: u32, last: u8) -> BackendDef {
     BackendDef {
         id,
-        addr: IpAddr::V4(Ipv4Addr::new(10, 0, 1, last)),
+        addr: IpAddr::V4(Ipv4Addr::new(198, 19, 1, last)),
     }
 }
 
@@ -112,7 +113,7 @@ pub fn backend_at(addr: IpAddr) -> Option<BackendDef> {
 
 /// Tunnel endpoints the decap program accepts: the addresses of backends 1
 /// and 11, as if the decap program ran on those hosts.
-pub const DECAP_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
+pub const DECAP_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 1);
 pub const DECAP_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xb, 0, 0, 0, 0, 0, 1);
 
 /// Slots of every ring of the standard world (a prime, like a real Maglev
@@ -182,12 +183,12 @@ pub fn ring_for(pool: &[u32], size: u32) -> Vec<u32> {
         .collect()
 }
 
-const VIP_A_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
-const VIP_B_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 20));
-const VIP_A_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 0x10));
-const VIP_B_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 0x20));
+const VIP_A_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 2, 10));
+const VIP_B_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 2, 20));
+const VIP_A_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0xfd00, 0xdb8, 0xf, 0, 0, 0, 0, 0x10));
+const VIP_B_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0xfd00, 0xdb8, 0xf, 0, 0, 0, 0, 0x20));
 
-/// TCP port 80 on 192.0.2.10, IPv4 backends.
+/// TCP port 80 on 198.18.2.10, IPv4 backends.
 pub const WEB_V4: VipDef = VipDef {
     name: "web-v4",
     id: 0,
@@ -207,7 +208,7 @@ pub const DNS_V4: VipDef = VipDef {
     flags: 0,
     pool: POOL_V4,
 };
-/// TCP port 443 on 2001:db8:f::10, IPv6 backends.
+/// TCP port 443 on fd00:db8:f::10, IPv6 backends.
 pub const WEB_V6: VipDef = VipDef {
     name: "web-v6",
     id: 2,
@@ -217,7 +218,7 @@ pub const WEB_V6: VipDef = VipDef {
     flags: 0,
     pool: POOL_V6,
 };
-/// Every TCP port of 192.0.2.20 (port 0: the wildcard).
+/// Every TCP port of 198.18.2.20 (port 0: the wildcard).
 pub const ANY_TCP_V4: VipDef = VipDef {
     name: "any-tcp-v4",
     id: 3,
@@ -227,7 +228,7 @@ pub const ANY_TCP_V4: VipDef = VipDef {
     flags: 0,
     pool: POOL_V4,
 };
-/// Every UDP port of 192.0.2.20.
+/// Every UDP port of 198.18.2.20.
 pub const ANY_UDP_V4: VipDef = VipDef {
     name: "any-udp-v4",
     id: 4,
@@ -237,7 +238,7 @@ pub const ANY_UDP_V4: VipDef = VipDef {
     flags: 0,
     pool: POOL_V4,
 };
-/// TCP port 8443 of 192.0.2.20: a port-specific VIP on a wildcard's address,
+/// TCP port 8443 of 198.18.2.20: a port-specific VIP on a wildcard's address,
 /// served by backend 5 alone.
 pub const PINNED_V4: VipDef = VipDef {
     name: "pinned-v4",
@@ -248,7 +249,7 @@ pub const PINNED_V4: VipDef = VipDef {
     flags: 0,
     pool: PINNED_POOL,
 };
-/// Every UDP port of 2001:db8:f::20.
+/// Every UDP port of fd00:db8:f::20.
 pub const ANY_UDP_V6: VipDef = VipDef {
     name: "any-udp-v6",
     id: 6,
@@ -258,31 +259,31 @@ pub const ANY_UDP_V6: VipDef = VipDef {
     flags: 0,
     pool: POOL_V6,
 };
-/// TCP port 80 on 192.0.2.30, hashed on the client address only.
+/// TCP port 80 on 198.18.2.30, hashed on the client address only.
 pub const AFFINITY_V4: VipDef = VipDef {
     name: "affinity-v4",
     id: 7,
-    addr: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 30)),
+    addr: IpAddr::V4(Ipv4Addr::new(198, 18, 2, 30)),
     port: 80,
     proto: PROTO_TCP,
     flags: VIP_F_CLIENT_AFFINITY,
     pool: POOL_V4,
 };
-/// TCP port 80 on 192.0.2.40, without a ring.
+/// TCP port 80 on 198.18.2.40, without a ring.
 pub const NO_RING_V4: VipDef = VipDef {
     name: "no-ring-v4",
     id: 8,
-    addr: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 40)),
+    addr: IpAddr::V4(Ipv4Addr::new(198, 18, 2, 40)),
     port: 80,
     proto: PROTO_TCP,
     flags: 0,
     pool: &[],
 };
-/// TCP port 80 on 192.0.2.50, served by the IPv6 backends (4in6).
+/// TCP port 80 on 198.18.2.50, served by the IPv6 backends (4in6).
 pub const V4_OVER_V6: VipDef = VipDef {
     name: "v4-over-v6",
     id: 9,
-    addr: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 50)),
+    addr: IpAddr::V4(Ipv4Addr::new(198, 18, 2, 50)),
     port: 80,
     proto: PROTO_TCP,
     flags: 0,

@@ -597,8 +597,8 @@ fn the_checks_themselves_reject_any_damaged_output() {
 /// start from.
 fn random_vip_packet(rng: &mut StdRng) -> Vec<u8> {
     let client = rng.random_range(1..=16);
-    let v4_client = IpAddr::from([198, 51, 100, client as u8]);
-    let v6_client = IpAddr::from([0x2001, 0xdb8, 0xc, 0, 0, 0, 0, client]);
+    let v4_client = IpAddr::from([198, 18, 100, client as u8]);
+    let v6_client = IpAddr::from([0xfd00, 0xdb8, 0xc, 0, 0, 0, 0, client]);
     let sport = 40000 + rng.random_range(0..16);
     let mut payload = vec![0u8; rng.random_range(0..64)];
     rng.fill(&mut payload[..]);

@@ -519,7 +519,7 @@ fn no_valid_next_hop_no_route_and_no_gateway_drops() {
 const LINK_MAC: [u8; 6] = [0x02, 0x1b, 0x00, 0x00, 0x00, 0x02];
 
 /// A veth pair in the fixture's namespace, the first end (MAC [`LINK_MAC`])
-/// up with 10.0.1.254/24, the backends' subnet, and in TX_PORTS. Returns its
+/// up with 198.19.1.254/24, the backends' subnet, and in TX_PORTS. Returns its
 /// ifindex.
 fn backend_link(fx: &mut Fixture) -> u32 {
     ip(&[
@@ -536,7 +536,7 @@ fn backend_link(fx: &mut Fixture) -> u32 {
     ]);
     ip(&["link", "set", "xlbt0", "up"]);
     ip(&["link", "set", "xlbt1", "up"]);
-    ip(&["addr", "add", "10.0.1.254/24", "dev", "xlbt0"]);
+    ip(&["addr", "add", "198.19.1.254/24", "dev", "xlbt0"]);
     let ifindex = xlb::dataplane::interface_index("xlbt0").unwrap();
     fx.dp.tx_ports.add(ifindex).unwrap();
     ifindex
