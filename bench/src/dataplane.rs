@@ -21,8 +21,8 @@ use anyhow::{Context, Result, bail, ensure};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use etherparse::{Ipv4Header, Ipv6Header, PacketBuilder};
 use lb_common::{
-    BACKEND_F_UP, Backend, Counter, FAMILY_V4, FAMILY_V6, NEXTHOP_F_VALID, NextHop, PROTO_TCP,
-    PROTO_UDP, Settings, VipFilter, VipInfo, VipKey, addr_from_ip,
+    BACKEND_F_UP, Backend, Counter, DEFAULT_CONNTRACK_SIZE, FAMILY_V4, FAMILY_V6, NEXTHOP_F_VALID,
+    NextHop, PROTO_TCP, PROTO_UDP, Settings, VipFilter, VipInfo, VipKey, addr_from_ip,
 };
 use serde::Serialize;
 use xlb::dataplane::{Dataplane, FLOOR_OBJECT, Limits, Role};
@@ -185,7 +185,9 @@ pub fn run(args: &Args) -> Result<()> {
         max_vips: 16,
         max_backends: 256,
         ring_capacity: RING_SIZE * 16,
-        conntrack_size: 65536,
+        // The production default: the SYN case then measures inserts into a
+        // table at a realistic load, not evictions of a crowded one.
+        conntrack_size: DEFAULT_CONNTRACK_SIZE,
     };
     let mut dp = Dataplane::load(limits).context("loading the data plane (are you root?)")?;
     let vips = program(&mut dp)?;
@@ -287,7 +289,7 @@ fn program(dp: &mut Dataplane) -> Result<Vips> {
         src_v4: addr_from_ip(SRC_V4.into()).1[0],
         src_v6: addr_from_ip(SRC_V6.into()).1,
         gateway_mac: [0; 6],
-        _pad: [0; 2],
+        ..Settings::default()
     })?;
     let hop = NextHop {
         ifindex: TEST_RUN_IFINDEX,
@@ -344,6 +346,7 @@ fn program(dp: &mut Dataplane) -> Result<Vips> {
                 ring_offset,
                 ring_size: RING_SIZE,
                 flags: 0,
+                generation: 0,
             },
         )?;
         filter.insert(&addr);
@@ -931,7 +934,7 @@ impl Report {
                 ring_size: RING_SIZE,
                 ring: "Maglev permutation fill, equal weights",
                 next_hops: "valid entry per backend, ifindex 1 (the test run's ingress): XDP_TX",
-                conntrack_size: 65536,
+                conntrack_size: DEFAULT_CONNTRACK_SIZE,
                 syn_flows: args.syn_flows,
                 hash_seed: HASH_SEED,
             },

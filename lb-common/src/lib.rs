@@ -37,7 +37,8 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
 pub const DEFAULT_RING_SIZE: u32 = 65537;
 /// Flat ring storage shared by all VIPs: `max_vips` rings of the default size.
 pub const DEFAULT_RING_CAPACITY: u32 = DEFAULT_MAX_VIPS * DEFAULT_RING_SIZE;
-pub const DEFAULT_CONNTRACK_SIZE: u32 = 1 << 20;
+/// Connection-table flows in all, split evenly between CPUs.
+pub const DEFAULT_CONNTRACK_SIZE: u32 = 1 << 21;
 /// Bits in the VIP address prefilter (a one-hash Bloom filter, see
 /// [`VipFilter`]).
 pub const VIP_FILTER_BITS: u32 = 1 << 16;
@@ -61,6 +62,7 @@ pub mod map_names {
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const VIP_ADDRS: &str = "VIP_ADDRS";
+    pub const VIP_LIVE: &str = "VIP_LIVE";
     pub const DECAP_ADDRS: &str = "DECAP_ADDRS";
 }
 
@@ -126,6 +128,9 @@ pub struct VipInfo {
     /// Number of slots of the ring (a prime); 0 means the VIP has no ring yet.
     pub ring_size: u32,
     pub flags: u32,
+    /// Tells this VIP's connection-table entries from those of an earlier
+    /// VIP with the same id: see `VIP_LIVE`. Filled in by the map's owner.
+    pub generation: u32,
 }
 
 /// The backend may keep its established flows. Cleared when a backend is
@@ -180,6 +185,9 @@ pub struct Settings {
     /// gives a neighbour: the packet leaves through the ingress interface.
     pub gateway_mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// Sets per CPU in `CONNTRACK`, minus one. Filled in by the map's owner
+    /// from the table's geometry, never by hand.
+    pub conntrack_mask: u32,
 }
 
 /// Key of the connection table (an LRU hash per CPU). Ports in network
@@ -196,11 +204,50 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-/// Value of the connection table.
+/// One remembered flow of the connection table. `key.family == 0`: empty.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlowState {
+pub struct FlowEntry {
+    pub key: FlowKey,
     pub backend_id: u32,
+    /// The VIP the flow was balanced for, and its generation then: an entry
+    /// counts only while `VIP_LIVE[vip_id]` still holds that generation, so
+    /// deleting a VIP ends its flows without touching the table.
+    pub vip_id: u32,
+    pub vip_generation: u32,
+    /// The set's clock when the flow was last seen: the smallest is the
+    /// least recently used way.
+    pub last_used: u32,
+}
+
+/// Ways per connection-table set: with four, a set only evicts a live flow
+/// when five flows hash to it, rare until the table is nearly full.
+pub const FLOW_WAYS: usize = 4;
+
+/// Value of the `CONNTRACK` array: one set of a set-associative table. Each
+/// CPU owns a contiguous range of sets (no sharing, no locks); a flow's set
+/// within that range is picked by its flow hash. Within a set, a new flow
+/// replaces the least recently used way, so the table ages like an LRU
+/// whose scope is the set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowSet {
+    pub ways: [FlowEntry; FLOW_WAYS],
+    /// Advances on every use of the set; stamps `last_used`.
+    pub clock: u32,
+    pub _pad: u32,
+}
+
+/// Connection-table geometry: how many sets each CPU owns (a power of two,
+/// so the set is `hash & (sets - 1)`), for `entries` flows in all over
+/// `cpus` CPUs.
+pub fn conntrack_sets_per_cpu(entries: u32, cpus: u32) -> u32 {
+    let sets = entries / FLOW_WAYS as u32 / cpus.max(1);
+    if sets <= 1 {
+        1
+    } else {
+        1 << (31 - sets.leading_zeros())
+    }
 }
 
 /// Per-CPU traffic counters of one VIP or backend.
@@ -310,8 +357,11 @@ pub enum Counter {
     ConnHit,
     /// Reason: the flow took the ring (SYN, new or forgotten flow).
     ConnMiss,
-    /// Reason: the new flow could not be recorded.
+    /// Reason: the new flow could not be recorded (no set for this CPU).
     ConnInsertFailed,
+    /// Reason: recording the new flow replaced another live flow of its set:
+    /// the table is too small for the number of concurrent flows.
+    ConnEvicted,
     /// Reason: the flow's recorded backend is down; it took the ring again.
     ConnBackendDown,
     /// Reason: no valid `NEXTHOPS` entry; the FIB was asked.
@@ -327,7 +377,7 @@ pub enum Counter {
 }
 
 impl Counter {
-    pub const ALL: [Counter; 22] = [
+    pub const ALL: [Counter; 23] = [
         Counter::PassNotIp,
         Counter::PassNotVip,
         Counter::PassMalformed,
@@ -344,6 +394,7 @@ impl Counter {
         Counter::ConnHit,
         Counter::ConnMiss,
         Counter::ConnInsertFailed,
+        Counter::ConnEvicted,
         Counter::ConnBackendDown,
         Counter::FibLookup,
         Counter::GatewayFallback,
@@ -372,6 +423,7 @@ impl Counter {
             Counter::ConnHit => "conn_hit",
             Counter::ConnMiss => "conn_miss",
             Counter::ConnInsertFailed => "conn_insert_failed",
+            Counter::ConnEvicted => "conn_evicted",
             Counter::ConnBackendDown => "conn_backend_down",
             Counter::FibLookup => "fib_lookup",
             Counter::GatewayFallback => "gateway_fallback",
@@ -395,7 +447,7 @@ mod pod {
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for FlowKey {}
-    unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for FlowSet {}
     unsafe impl aya::Pod for Traffic {}
     unsafe impl aya::Pod for AddrKey {}
     unsafe impl aya::Pod for VipFilter {}
@@ -409,12 +461,13 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         use core::mem::size_of;
         assert_eq!(size_of::<VipKey>(), 20);
-        assert_eq!(size_of::<VipInfo>(), 16);
+        assert_eq!(size_of::<VipInfo>(), 20);
         assert_eq!(size_of::<Backend>(), 20);
         assert_eq!(size_of::<NextHop>(), 24);
-        assert_eq!(size_of::<Settings>(), 36);
+        assert_eq!(size_of::<Settings>(), 40);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<Traffic>(), 24);
+        assert_eq!(size_of::<FlowSet>(), 232);
         assert_eq!(size_of::<AddrKey>(), 20);
     }
 
@@ -433,6 +486,14 @@ mod tests {
         for (index, counter) in Counter::ALL.iter().enumerate() {
             assert_eq!(*counter as usize, index, "{}", counter.name());
         }
+    }
+
+    #[test]
+    fn conntrack_sets_are_a_power_of_two_per_cpu() {
+        assert_eq!(conntrack_sets_per_cpu(1 << 21, 2), 1 << 18);
+        assert_eq!(conntrack_sets_per_cpu(3000, 2), 256);
+        assert_eq!(conntrack_sets_per_cpu(1, 8), 1);
+        assert_eq!(conntrack_sets_per_cpu(100, 0), 16);
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! xlb's XDP programs. The balancer reads as its steps: parse, look the VIP
-//! up, consult the connection table and the ring, find the next hop,
-//! encapsulate, count, send. Each step lives in its own module and returns
+//! xlb's XDP programs. The balancer reads as its steps: parse, the
+//! connection table (a known flow needs nothing else), else look the VIP up
+//! and take its ring; then find the next hop, encapsulate, count, send. Each step lives in its own module and returns
 //! either its result or the verdict counter that ends the packet's path.
 #![no_std]
 #![no_main]
@@ -53,15 +53,22 @@ fn balance(ctx: &XdpContext) -> Result<Counter, Counter> {
         TransportError::NotTransport => Counter::PassNotVip,
         TransportError::Malformed => vip::malformed_verdict(&l3),
     })?;
-    let vip = vip::lookup(&pkt.flow).ok_or_else(|| vip::miss_verdict(&pkt))?;
-    if pkt.fragment {
-        count(Counter::Fragment);
-    }
+    let settings = array_get(&SETTINGS, 0).ok_or(Counter::DropNoBackend)?;
+    let flow_hash = pkt.flow.hash(settings.hash_seed);
+    let set = select::conntrack_set(&pkt, flow_hash, &settings);
+    let chosen = match select::established(set, &pkt) {
+        Some(known) => known,
+        None => {
+            let vip = vip::lookup(&pkt.flow).ok_or_else(|| vip::miss_verdict(&pkt))?;
+            if pkt.fragment {
+                count(Counter::Fragment);
+            }
+            select::from_ring(&vip, &pkt, flow_hash, set, &settings)?
+        }
+    };
     if pkt.ipv4_options {
         count(Counter::Ipv4Options);
     }
-    let settings = array_get(&SETTINGS, 0).ok_or(Counter::DropNoBackend)?;
-    let chosen = select::pick_backend(&vip, &pkt, settings.hash_seed)?;
     let outer_len = pkt.ip_len + encap::overhead(&chosen.backend);
     if outer_len > u32::from(u16::MAX) {
         return Err(Counter::DropTooBig);
@@ -76,7 +83,7 @@ fn balance(ctx: &XdpContext) -> Result<Counter, Counter> {
     )?;
     let bytes = frame_len(ctx) as u64;
     encap::encapsulate(ctx, &l2, &pkt, &chosen.backend, &settings, &route)?;
-    counters::forwarded(vip.id, chosen.backend_id, bytes, chosen.new_flow);
+    counters::forwarded(chosen.vip_id, chosen.backend_id, bytes, chosen.new_flow);
     send(ctx, &route)
 }
 

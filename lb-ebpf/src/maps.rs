@@ -2,13 +2,12 @@
 //! defaults: the controller sets the real ones at load time.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_COMMON_LRU,
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, PerCpuArray},
 };
 use lb_common::{
     AddrKey, Backend, Counter, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
-    DEFAULT_RING_SIZE, FlowKey, FlowState, MAX_DECAP_ADDRS, MAX_TX_PORTS, NextHop, Settings,
+    DEFAULT_RING_SIZE, FLOW_WAYS, FlowSet, MAX_DECAP_ADDRS, MAX_TX_PORTS, NextHop, Settings,
     Traffic, VipFilter, VipInfo, VipKey,
 };
 
@@ -19,6 +18,12 @@ pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(DEFAULT_MA
 /// malformed packet to a VIP (dropped) from one to another host (passed).
 #[map]
 pub static VIP_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// Per VIP id, the generation of the VIP programmed under it (0: none). A
+/// connection-table hit is taken without looking the VIP up, so this is
+/// how the packet path learns the VIP has gone.
+#[map]
+pub static VIP_LIVE: Array<u32> = Array::with_max_entries(DEFAULT_MAX_VIPS, 0);
 
 #[map]
 pub static VIP_FILTER: Array<VipFilter> = Array::with_max_entries(1, 0);
@@ -34,12 +39,11 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKEN
 #[map]
 pub static NEXTHOPS: Array<NextHop> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
-/// One LRU list per CPU (`BPF_F_NO_COMMON_LRU`): inserts and evictions never
-/// contend across cores. A flow is normally seen by one CPU (RSS), so the
-/// per-CPU lists lose nothing.
+/// The connection table: each CPU's range of sets (see `conntrack.rs`). A
+/// flow is normally seen by one CPU (RSS), so per-CPU tables lose nothing.
 #[map]
-pub static CONNTRACK: LruHashMap<FlowKey, FlowState> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, BPF_F_NO_COMMON_LRU);
+pub static CONNTRACK: Array<FlowSet> =
+    Array::with_max_entries(DEFAULT_CONNTRACK_SIZE / FLOW_WAYS as u32, 0);
 
 #[map]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);

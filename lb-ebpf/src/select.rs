@@ -1,7 +1,9 @@
-//! Step 4: pick the backend, from the connection table if it knows the flow
-//! and the backend is up, else from the VIP's Maglev ring.
+//! Step 4: pick the backend: the connection table's, if it knows the flow
+//! and the backend is up, else the VIP's Maglev ring's (and record it).
 
-use lb_common::{BACKEND_F_UP, Backend, Counter, VIP_F_CLIENT_AFFINITY, VipInfo, ring_slot};
+use lb_common::{
+    BACKEND_F_UP, Backend, Counter, FlowSet, Settings, VIP_F_CLIENT_AFFINITY, VipInfo, ring_slot,
+};
 
 use crate::{
     conntrack,
@@ -13,57 +15,83 @@ use crate::{
 pub struct Selection {
     pub backend_id: u32,
     pub backend: Backend,
+    pub vip_id: u32,
     /// The flow took the ring rather than the connection table.
     pub new_flow: bool,
 }
 
+/// The flow's connection-table set. Fragments have none: their key lacks
+/// ports, and the ring alone already sends every fragment of a datagram to
+/// one backend.
 #[inline(always)]
-pub fn pick_backend(vip: &VipInfo, pkt: &Packet, seed: u32) -> Result<Selection, Counter> {
-    // Fragments skip the table: their key lacks ports, and the ring alone
-    // already sends every fragment of a datagram to one backend. A SYN skips
-    // the lookup: it starts a new connection whatever an old entry says.
-    let track = !pkt.fragment;
-    if track
-        && !pkt.syn
-        && let Some(backend_id) = conntrack::lookup(&pkt.flow)
-    {
-        if let Some(backend) = programmed_backend(backend_id)
-            && backend.flags & BACKEND_F_UP != 0
-        {
-            count(Counter::ConnHit);
-            return Ok(Selection {
-                backend_id,
-                backend,
-                new_flow: false,
-            });
-        }
-        count(Counter::ConnBackendDown);
+pub fn conntrack_set(pkt: &Packet, flow_hash: u32, settings: &Settings) -> Option<*mut FlowSet> {
+    if pkt.fragment {
+        return None;
     }
+    conntrack::set_for(flow_hash, settings.conntrack_mask)
+}
+
+/// The backend of a flow the table knows. A SYN skips the lookup: it
+/// starts a new connection whatever an old entry says.
+#[inline(always)]
+pub fn established(set: Option<*mut FlowSet>, pkt: &Packet) -> Option<Selection> {
+    if pkt.syn {
+        return None;
+    }
+    let known = conntrack::lookup(set?, &pkt.flow)?;
+    match programmed_backend(known.backend_id) {
+        Some(backend) if backend.flags & BACKEND_F_UP != 0 => {
+            count(Counter::ConnHit);
+            Some(Selection {
+                backend_id: known.backend_id,
+                backend,
+                vip_id: known.vip_id,
+                new_flow: false,
+            })
+        }
+        _ => {
+            count(Counter::ConnBackendDown);
+            None
+        }
+    }
+}
+
+/// The backend the VIP's ring gives the flow, recorded in its set.
+#[inline(always)]
+pub fn from_ring(
+    vip: &VipInfo,
+    pkt: &Packet,
+    flow_hash: u32,
+    set: Option<*mut FlowSet>,
+    settings: &Settings,
+) -> Result<Selection, Counter> {
     count(Counter::ConnMiss);
-    let backend_id = from_ring(vip, pkt, seed).ok_or(Counter::DropNoBackend)?;
+    let hash = if vip.flags & VIP_F_CLIENT_AFFINITY != 0 {
+        pkt.flow.source_hash(settings.hash_seed)
+    } else {
+        flow_hash
+    };
+    if vip.ring_size == 0 {
+        return Err(Counter::DropNoBackend);
+    }
+    let backend_id = array_get(&RINGS, vip.ring_offset + ring_slot(hash, vip.ring_size))
+        .ok_or(Counter::DropNoBackend)?;
     let backend = programmed_backend(backend_id).ok_or(Counter::DropNoBackend)?;
-    if track && !conntrack::record(&pkt.flow, backend_id) {
-        count(Counter::ConnInsertFailed);
+    match set {
+        Some(set) => {
+            if conntrack::record(set, &pkt.flow, vip, backend_id) {
+                count(Counter::ConnEvicted);
+            }
+        }
+        None if !pkt.fragment => count(Counter::ConnInsertFailed),
+        None => {}
     }
     Ok(Selection {
         backend_id,
         backend,
+        vip_id: vip.id,
         new_flow: true,
     })
-}
-
-#[inline(always)]
-fn from_ring(vip: &VipInfo, pkt: &Packet, seed: u32) -> Option<u32> {
-    if vip.ring_size == 0 {
-        return None;
-    }
-    let hash = if vip.flags & VIP_F_CLIENT_AFFINITY != 0 {
-        pkt.flow.source_hash(seed)
-    } else {
-        pkt.flow.hash(seed)
-    };
-    let slot = vip.ring_offset + ring_slot(hash, vip.ring_size);
-    array_get(&RINGS, slot)
 }
 
 #[inline(always)]

@@ -162,6 +162,7 @@ impl VipDef {
             ring_offset: self.ring_offset(),
             ring_size: self.ring_size(),
             flags: self.flags,
+            generation: 0,
         }
     }
 

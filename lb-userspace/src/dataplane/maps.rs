@@ -9,8 +9,9 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, xdp::DevMapHash},
 };
 use lb_common::{
-    AddrKey, Backend, Counter, FAMILY_V4, FAMILY_V6, FlowKey, FlowState, NextHop, PROTO_TCP,
-    PROTO_UDP, Settings, Traffic, VipFilter, VipInfo, VipKey, addr_from_ip, map_names,
+    AddrKey, Backend, Counter, FAMILY_V4, FAMILY_V6, FLOW_WAYS, FlowKey, FlowSet, NextHop,
+    PROTO_TCP, PROTO_UDP, Settings, Traffic, VipFilter, VipInfo, VipKey, addr_from_ip,
+    conntrack_sets_per_cpu, map_names,
 };
 
 use super::{DataplaneError, Limits};
@@ -40,7 +41,9 @@ pub struct VipTable {
     vips: HashMap<MapData, VipKey, VipInfo>,
     addrs: HashMap<MapData, AddrKey, u32>,
     filter: Array<MapData, VipFilter>,
+    live: Array<MapData, u32>,
     programmed: BTreeMap<VipKey, VipInfo>,
+    last_generation: u32,
     limits: Limits,
 }
 
@@ -50,12 +53,15 @@ impl VipTable {
             vips: take(ebpf, map_names::VIPS)?,
             addrs: take(ebpf, map_names::VIP_ADDRS)?,
             filter: take(ebpf, map_names::VIP_FILTER)?,
+            live: take(ebpf, map_names::VIP_LIVE)?,
             programmed: BTreeMap::new(),
+            last_generation: 0,
             limits,
         })
     }
 
-    /// Adds or replaces a VIP.
+    /// Adds or replaces a VIP. Replacing keeps its established flows unless
+    /// the id changes; `info.generation` is the table's to set.
     pub fn insert(&mut self, key: VipKey, info: VipInfo) -> Result<(), DataplaneError> {
         if !matches!(key.proto, PROTO_TCP | PROTO_UDP) {
             return Err(DataplaneError::OutOfRange {
@@ -81,9 +87,38 @@ impl VipTable {
             u64::from(info.ring_offset) + u64::from(info.ring_size),
             self.limits.ring_capacity.into(),
         )?;
+        if let Some((other, _)) = self
+            .programmed
+            .iter()
+            .find(|(other, programmed)| **other != key && programmed.id == info.id)
+        {
+            return Err(DataplaneError::VipIdInUse {
+                id: info.id,
+                by: format!("{other:?}"),
+            });
+        }
+        let previous = self.programmed.get(&key).copied();
+        let generation = match previous {
+            Some(previous) if previous.id == info.id => previous.generation,
+            _ => {
+                self.last_generation = self.last_generation.wrapping_add(1).max(1);
+                self.last_generation
+            }
+        };
+        let info = VipInfo { generation, ..info };
+        // Live before visible: a flow recorded from the new entry must find
+        // its generation at once.
+        self.live
+            .set(info.id, generation, 0)
+            .map_err(DataplaneError::map(map_names::VIP_LIVE))?;
         self.vips
             .insert(key, info, 0)
             .map_err(DataplaneError::map(map_names::VIPS))?;
+        if let Some(previous) = previous
+            && previous.id != info.id
+        {
+            self.set_dead(previous.id)?;
+        }
         let is_new = self.programmed.insert(key, info).is_none();
         if is_new {
             let addr = addr_key(&key);
@@ -98,12 +133,15 @@ impl VipTable {
 
     /// Removes a VIP; `false` if it was not programmed.
     pub fn remove(&mut self, key: &VipKey) -> Result<bool, DataplaneError> {
-        if self.programmed.remove(key).is_none() {
+        let Some(removed) = self.programmed.remove(key) else {
             return Ok(false);
-        }
+        };
         self.vips
             .remove(key)
             .map_err(DataplaneError::map(map_names::VIPS))?;
+        // Its established flows end here: their entries' generation no
+        // longer matches.
+        self.set_dead(removed.id)?;
         let addr = addr_key(key);
         let count = self.vips_on(&addr);
         if count == 0 {
@@ -125,6 +163,12 @@ impl VipTable {
 
     pub fn iter(&self) -> impl Iterator<Item = (&VipKey, &VipInfo)> {
         self.programmed.iter()
+    }
+
+    fn set_dead(&mut self, id: u32) -> Result<(), DataplaneError> {
+        self.live
+            .set(id, 0, 0)
+            .map_err(DataplaneError::map(map_names::VIP_LIVE))
     }
 
     fn vips_on(&self, addr: &AddrKey) -> u32 {
@@ -297,16 +341,24 @@ impl NextHopTable {
 
 pub struct SettingsTable {
     settings: Array<MapData, Settings>,
+    geometry: ConnGeometry,
 }
 
 impl SettingsTable {
-    pub(super) fn new(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
+    pub(super) fn new(ebpf: &mut Ebpf, geometry: ConnGeometry) -> Result<Self, DataplaneError> {
         Ok(Self {
             settings: take(ebpf, map_names::SETTINGS)?,
+            geometry,
         })
     }
 
+    /// Writes the settings; the connection-table geometry is the table's,
+    /// whatever `settings` says.
     pub fn set(&mut self, settings: Settings) -> Result<(), DataplaneError> {
+        let settings = Settings {
+            conntrack_mask: self.geometry.sets_per_cpu - 1,
+            ..settings
+        };
         self.settings
             .set(0, settings, 0)
             .map_err(DataplaneError::map(map_names::SETTINGS))
@@ -334,7 +386,7 @@ impl TxPorts {
     pub fn add(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
         self.ports
             .insert(ifindex, ifindex, None, 0)
-            .map_err(DataplaneError::TxPort)
+            .map_err(|err| DataplaneError::TxPort(Box::new(err)))
     }
 
     pub fn remove(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
@@ -378,12 +430,76 @@ fn decap_key(ip: IpAddr) -> AddrKey {
     }
 }
 
-/// Reads the per-CPU counters, summed over CPUs, and the connection table.
+/// How the connection table is laid out: every CPU owns `sets_per_cpu`
+/// consecutive sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnGeometry {
+    pub cpus: u32,
+    pub sets_per_cpu: u32,
+}
+
+impl ConnGeometry {
+    /// For `flows` in all on this machine's possible CPUs.
+    pub fn for_this_machine(flows: u32) -> Result<Self, DataplaneError> {
+        let cpus = aya::util::nr_cpus().map_err(|(what, err)| DataplaneError::Cpus(what, err))?;
+        let cpus = u32::try_from(cpus).unwrap_or(u32::MAX);
+        Ok(Self {
+            cpus,
+            sets_per_cpu: conntrack_sets_per_cpu(flows, cpus),
+        })
+    }
+
+    pub fn total_sets(&self) -> u32 {
+        self.cpus.saturating_mul(self.sets_per_cpu)
+    }
+
+    /// Flows the table holds at most.
+    pub fn capacity(&self) -> u64 {
+        u64::from(self.total_sets()) * FLOW_WAYS as u64
+    }
+}
+
+/// The connection table, read (and cleared) from userspace.
+pub struct ConnTable {
+    sets: Array<MapData, FlowSet>,
+    geometry: ConnGeometry,
+}
+
+impl ConnTable {
+    pub(super) fn new(ebpf: &mut Ebpf, geometry: ConnGeometry) -> Result<Self, DataplaneError> {
+        Ok(Self {
+            sets: take(ebpf, map_names::CONNTRACK)?,
+            geometry,
+        })
+    }
+
+    pub fn geometry(&self) -> ConnGeometry {
+        self.geometry
+    }
+
+    /// The backend some CPU's table holds for `flow`, hashed with `seed`
+    /// (the settings' hash seed, as the packet path uses).
+    pub fn flow(&self, flow: &FlowKey, seed: u32) -> Result<Option<u32>, DataplaneError> {
+        let set_in_cpu = flow.hash(seed) & (self.geometry.sets_per_cpu - 1);
+        for cpu in 0..self.geometry.cpus {
+            let index = cpu * self.geometry.sets_per_cpu + set_in_cpu;
+            let set = self
+                .sets
+                .get(&index, 0)
+                .map_err(DataplaneError::map(map_names::CONNTRACK))?;
+            if let Some(entry) = set.ways.iter().find(|entry| entry.key == *flow) {
+                return Ok(Some(entry.backend_id));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Reads the per-CPU counters, summed over CPUs.
 pub struct CounterReader {
     counters: PerCpuArray<MapData, u64>,
     vip_stats: PerCpuArray<MapData, Traffic>,
     backend_stats: PerCpuArray<MapData, Traffic>,
-    conntrack: HashMap<MapData, FlowKey, FlowState>,
 }
 
 impl CounterReader {
@@ -392,7 +508,6 @@ impl CounterReader {
             counters: take(ebpf, map_names::COUNTERS)?,
             vip_stats: take(ebpf, map_names::VIP_STATS)?,
             backend_stats: take(ebpf, map_names::BACKEND_STATS)?,
-            conntrack: take(ebpf, map_names::CONNTRACK)?,
         })
     }
 
@@ -418,18 +533,6 @@ impl CounterReader {
 
     pub fn backend(&self, backend_id: u32) -> Result<Traffic, DataplaneError> {
         sum_traffic(&self.backend_stats, backend_id, map_names::BACKEND_STATS)
-    }
-
-    /// The backend the connection table holds for a flow.
-    pub fn flow(&self, flow: &FlowKey) -> Result<Option<u32>, DataplaneError> {
-        match self.conntrack.get(flow, 0) {
-            Ok(state) => Ok(Some(state.backend_id)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(DataplaneError::Map {
-                name: map_names::CONNTRACK,
-                source,
-            }),
-        }
     }
 }
 

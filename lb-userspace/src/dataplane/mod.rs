@@ -16,8 +16,8 @@ use lb_common::{
 };
 
 pub use self::maps::{
-    BackendTable, CounterReader, DecapTable, NextHopTable, RingTable, SettingsTable, TxPorts,
-    VipTable,
+    BackendTable, ConnGeometry, ConnTable, CounterReader, DecapTable, NextHopTable, RingTable,
+    SettingsTable, TxPorts, VipTable,
 };
 
 /// The XDP object built from `lb-ebpf` by this crate's build script.
@@ -42,15 +42,19 @@ pub enum DataplaneError {
     Map {
         name: &'static str,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
     #[error("map TX_PORTS: {0}")]
-    TxPort(#[source] aya::maps::xdp::XdpMapError),
+    TxPort(#[source] Box<aya::maps::xdp::XdpMapError>),
     #[error("the XDP object has no {kind} named {name}")]
     Missing {
         kind: &'static str,
         name: &'static str,
     },
+    #[error("VIP id {id} is already used by {by}")]
+    VipIdInUse { id: u32, by: String },
+    #[error("counting CPUs ({0}): {1}")]
+    Cpus(&'static str, #[source] std::io::Error),
     #[error("no interface named {0:?}")]
     UnknownInterface(String),
     #[error("{program} is not attached to {interface}")]
@@ -76,7 +80,10 @@ pub enum DataplaneError {
 
 impl DataplaneError {
     pub(crate) fn map(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> Self {
-        move |source| Self::Map { name, source }
+        move |source| Self::Map {
+            name,
+            source: Box::new(source),
+        }
     }
 }
 
@@ -87,9 +94,9 @@ pub struct Limits {
     pub max_backends: u32,
     /// Slots of ring storage shared by all VIPs.
     pub ring_capacity: u32,
-    /// Connection-table entries in all. The kernel splits them evenly
-    /// between the CPUs' LRU lists (`BPF_F_NO_COMMON_LRU`), so one CPU
-    /// evicts once it holds `conntrack_size / CPUs` flows.
+    /// Connection-table flows in all, split evenly between CPUs (each CPU
+    /// owns its sets; see `lb_common::FlowSet`) and rounded down to a power
+    /// of two per CPU.
     pub conntrack_size: u32,
 }
 
@@ -142,6 +149,7 @@ pub struct Dataplane {
     pub backends: BackendTable,
     pub nexthops: NextHopTable,
     pub settings: SettingsTable,
+    pub conntrack: ConnTable,
     pub tx_ports: TxPorts,
     pub decap: DecapTable,
     pub counters: CounterReader,
@@ -151,15 +159,17 @@ impl Dataplane {
     /// Loads both programs into the kernel (the verifier runs here) with the
     /// given map sizes, and takes ownership of every map.
     pub fn load(limits: Limits) -> Result<Self, DataplaneError> {
+        let geometry = ConnGeometry::for_this_machine(limits.conntrack_size)?;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(map_names::VIPS, limits.max_vips)
             .map_max_entries(map_names::VIP_ADDRS, limits.max_vips)
+            .map_max_entries(map_names::VIP_LIVE, limits.max_vips)
             .map_max_entries(map_names::VIP_STATS, limits.max_vips)
             .map_max_entries(map_names::RINGS, limits.ring_capacity)
             .map_max_entries(map_names::BACKENDS, limits.max_backends)
             .map_max_entries(map_names::NEXTHOPS, limits.max_backends)
             .map_max_entries(map_names::BACKEND_STATS, limits.max_backends)
-            .map_max_entries(map_names::CONNTRACK, limits.conntrack_size)
+            .map_max_entries(map_names::CONNTRACK, geometry.total_sets())
             .load(XDP_OBJECT)
             .map_err(|err| DataplaneError::Load(Box::new(err)))?;
         for role in [Role::Balancer, Role::Decap] {
@@ -175,7 +185,8 @@ impl Dataplane {
             rings: RingTable::new(&mut ebpf, limits)?,
             backends: BackendTable::new(&mut ebpf)?,
             nexthops: NextHopTable::new(&mut ebpf)?,
-            settings: SettingsTable::new(&mut ebpf)?,
+            settings: SettingsTable::new(&mut ebpf, geometry)?,
+            conntrack: ConnTable::new(&mut ebpf, geometry)?,
             tx_ports: TxPorts::new(&mut ebpf)?,
             decap: DecapTable::new(&mut ebpf)?,
             counters: CounterReader::new(&mut ebpf)?,
