@@ -10,8 +10,8 @@ use aya_ebpf::{
 use lb_common::{AddrKey, Counter, FAMILY_V4, FAMILY_V6};
 use lb_ebpf::{
     headers::{
-        ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, EthHdr, IPPROTO_IPIP, IPPROTO_IPV6, Ipv4Hdr, Ipv6Hdr,
-        VlanHdr,
+        ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, EthHdr, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_MF,
+        IPV4_OFFSET_MASK, Ipv4Hdr, Ipv6Hdr, VlanHdr,
     },
     packet::{read_at, write_at},
 };
@@ -92,7 +92,7 @@ fn decap(ctx: &XdpContext) -> Result<Counter, Counter> {
 /// The outer header, if this is a tunnel packet to one of our endpoints.
 #[inline(always)]
 fn outer_header(ctx: &XdpContext, l2: &parse::L2) -> Result<Tunnel, Counter> {
-    let (key, proto, outer_len) = if l2.ether_type == ETH_P_IPV4 {
+    let (key, proto, outer_len, fragment) = if l2.ether_type == ETH_P_IPV4 {
         let hdr: Ipv4Hdr = read_at(ctx, l2.len).ok_or(Counter::DecapPassNotTunnel)?;
         let header_len = usize::from(hdr.version_ihl & 0x0f) * 4;
         if header_len < size_of::<Ipv4Hdr>() {
@@ -106,6 +106,7 @@ fn outer_header(ctx: &XdpContext, l2: &parse::L2) -> Result<Tunnel, Counter> {
             },
             hdr.proto,
             header_len,
+            u16::from_be(hdr.frag_off) & (IPV4_MF | IPV4_OFFSET_MASK) != 0,
         )
     } else if l2.ether_type == ETH_P_IPV6 {
         let hdr: Ipv6Hdr = read_at(ctx, l2.len).ok_or(Counter::DecapPassNotTunnel)?;
@@ -117,6 +118,7 @@ fn outer_header(ctx: &XdpContext, l2: &parse::L2) -> Result<Tunnel, Counter> {
             },
             hdr.next_hdr,
             size_of::<Ipv6Hdr>(),
+            false,
         )
     } else {
         return Err(Counter::DecapPassNotTunnel);
@@ -128,6 +130,11 @@ fn outer_header(ctx: &XdpContext, l2: &parse::L2) -> Result<Tunnel, Counter> {
     };
     if hash_get(&DECAP_ADDRS, &key).is_none() {
         return Err(Counter::DecapPassNotTunnel);
+    }
+    // A fragment holds part of an inner packet at most, and this host has
+    // no tunnel device to reassemble it for.
+    if fragment {
+        return Err(Counter::DecapDropMalformed);
     }
     Ok(Tunnel {
         outer_len,

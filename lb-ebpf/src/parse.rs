@@ -171,7 +171,14 @@ fn ipv6_transport(ctx: &XdpContext, off: usize, hdr: &Ipv6Hdr) -> Result<Packet,
             _ => break,
         }
     }
-    if header_len > fixed_len + payload_len {
+    // A chain longer than we walk is not read as "not TCP/UDP": that would
+    // hand a VIP's packet to the node's own stack.
+    if header_len > fixed_len + payload_len
+        || matches!(
+            next_hdr,
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_FRAGMENT
+        )
+    {
         return Err(TransportError::Malformed);
     }
     let proto = transport_proto(next_hdr)?;

@@ -520,6 +520,11 @@ fn ipv6_extension_headers_are_walked() {
     long[14 + 40 + 1] = 200;
     expect_verdict(&mut fx, &long, DropMalformed, "extension header too long");
 
+    // A chain longer than the four headers the balancer walks is dropped,
+    // not handed to the node's stack as if it were no VIP's.
+    let chain = with_ext_headers(&pkt.build(), &[60; 5]);
+    expect_verdict(&mut fx, &chain, DropMalformed, "five extension headers");
+
     // Whatever the chain, nothing goes out malformed.
     for count in 0..8 {
         let kinds = vec![60u8; count];

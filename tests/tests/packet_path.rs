@@ -9,7 +9,7 @@
 
 use std::net::IpAddr;
 
-use lb_common::{Counter::*, FlowKey, NextHop, SETTINGS_F_GATEWAY_MAC};
+use lb_common::{Counter::*, FLOW_WAYS, FlowKey, NextHop, SETTINGS_F_GATEWAY_MAC};
 use xlb_tests::*;
 
 /// A fixture, or return (skip) when the test may not run here.
@@ -660,6 +660,72 @@ fn established_flow_keeps_its_backend_after_the_ring_drops_it() {
 }
 
 #[test]
+fn deleting_a_vip_ends_its_established_flows() {
+    let mut fx = fixture!();
+    let syn = Pkt::tcp_syn(CLIENT_V4, 40000, WEB_V4.addr, 80);
+    assert_forwarded(&mut fx, &syn.build(), &WEB_V4, &syn.flow());
+    let ack = Pkt::tcp_ack(CLIENT_V4, 40000, WEB_V4.addr, 80).build();
+
+    // Rewriting the VIP (same id) keeps the flow in the table.
+    fx.dp
+        .vips
+        .insert(WEB_V4.key(), WEB_V4.info())
+        .expect("rewriting the VIP");
+    let (_, moved) = fx.run_counted(&ack);
+    moved.assert_counters(&[ConnHit, Tx]);
+
+    // Once the VIP is gone, its flows are no longer balanced, although the
+    // table still holds them: the packet goes to the node's stack.
+    assert!(fx.dp.vips.remove(&WEB_V4.key()).expect("removing the VIP"));
+    let (out, moved) = fx.run_counted(&ack);
+    out.assert_passed_unchanged(&ack);
+    moved.assert_counters(&[PassNotVip]);
+
+    // A VIP programmed again is a new VIP: the flow takes its ring anew.
+    fx.dp
+        .vips
+        .insert(WEB_V4.key(), WEB_V4.info())
+        .expect("programming the VIP again");
+    let (_, moved) = fx.run_counted(&ack);
+    moved.assert_counters(&[ConnMiss, Tx]);
+}
+
+#[test]
+fn a_full_set_evicts_its_least_recently_used_flow() {
+    let mut fx = fixture!();
+    // Every test run executes on the calling CPU: stay on one, so that all
+    // flows meet in that CPU's sets.
+    pin_to_current_cpu();
+    let sets = fx.dp.conntrack.geometry().sets_per_cpu;
+    let set_of = |pkt: &Pkt| pkt.flow().hash(HASH_SEED) & (sets - 1);
+    let first = Pkt::tcp_syn(CLIENT_V4, 10000, WEB_V4.addr, 80);
+    let same_set: Vec<Pkt> = (10000..u16::MAX)
+        .map(|port| Pkt::tcp_syn(CLIENT_V4, port, WEB_V4.addr, 80))
+        .filter(|pkt| set_of(pkt) == set_of(&first))
+        .take(FLOW_WAYS + 1)
+        .collect();
+    let (newcomer, residents) = same_set.split_last().expect("enough flows");
+    for pkt in residents {
+        let (_, moved) = fx.run_counted(&pkt.build());
+        moved.assert_counters(&[ConnMiss, Tx]);
+    }
+    // The oldest resident is used again, so the second one is now the
+    // least recently used.
+    let again = Pkt::tcp_ack(CLIENT_V4, u16::from_be(residents[0].flow().sport), WEB_V4.addr, 80);
+    let (_, moved) = fx.run_counted(&again.build());
+    moved.assert_counters(&[ConnHit, Tx]);
+
+    let (_, moved) = fx.run_counted(&newcomer.build());
+    moved.assert_counters(&[ConnMiss, ConnEvicted, Tx]);
+    assert!(fx.tracked(&newcomer.flow()).is_some());
+    assert!(fx.tracked(&residents[0].flow()).is_some());
+    assert_eq!(fx.tracked(&residents[1].flow()), None, "the LRU flow left");
+    for pkt in &residents[2..] {
+        assert!(fx.tracked(&pkt.flow()).is_some());
+    }
+}
+
+#[test]
 fn flow_of_a_backend_marked_down_takes_the_ring_again() {
     let mut fx = fixture!();
     let syn = Pkt::tcp_syn(CLIENT_V4, 40000, WEB_V4.addr, 80);
@@ -877,5 +943,24 @@ fn decap_drops_a_tunnel_packet_without_an_inner_header() {
     let cut = &tunnelled[..14 + 20 + 10];
     let (out, moved) = fx.run_decap_counted(cut);
     assert_eq!(out.action, Action::Drop, "{pkt:?}");
+    moved.assert_counters(&[DecapDropMalformed]);
+}
+
+#[test]
+fn decap_drops_a_fragment_of_a_tunnel_packet() {
+    let mut fx = fixture!();
+    let (_, tunnelled) = tunnel_frame(&fx, &WEB_V4, CLIENT_V4.into(), 1);
+    // Mark the outer IPv4 header "more fragments" (and fix its checksum):
+    // the inner packet may be incomplete, and nothing here reassembles it.
+    let mut fragment = tunnelled.clone();
+    fragment[14 + 6] |= 0x20;
+    fragment[14 + 10..14 + 12].fill(0);
+    let check = etherparse::Ipv4HeaderSlice::from_slice(&fragment[14..])
+        .expect("outer header")
+        .to_header()
+        .calc_header_checksum();
+    fragment[14 + 10..14 + 12].copy_from_slice(&check.to_be_bytes());
+    let (out, moved) = fx.run_decap_counted(&fragment);
+    assert_eq!(out.action, Action::Drop);
     moved.assert_counters(&[DecapDropMalformed]);
 }
