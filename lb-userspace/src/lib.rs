@@ -2,4 +2,5 @@
 //! all drive the data plane through these modules.
 
 pub mod dataplane;
+pub mod demo;
 pub mod topology;
