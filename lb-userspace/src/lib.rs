@@ -3,4 +3,5 @@
 
 pub mod dataplane;
 pub mod demo;
+pub mod state;
 pub mod topology;
