@@ -869,6 +869,38 @@ impl Site {
         Ok(moved)
     }
 
+    /// Drains a backend: the ring is rebuilt without it, but it stays up and
+    /// keeps serving, so the connection table keeps its established flows
+    /// on it. Returns how many ring slots changed.
+    pub fn drain_backend(&mut self, name: &str) -> Result<usize, DemoError> {
+        let backend = self
+            .backends
+            .iter()
+            .find(|b| b.name == name)
+            .ok_or_else(|| DemoError::Invalid(format!("no backend named {name}")))?;
+        let id = backend.id;
+        let ring: Vec<u32> = {
+            let rest: Vec<u32> = self
+                .backends
+                .iter()
+                .filter(|b| b.up && b.id != id)
+                .map(|b| b.id)
+                .collect();
+            if rest.is_empty() {
+                return Err(DemoError::Invalid(format!(
+                    "{name} is the last backend in the ring; the demo keeps at least one"
+                )));
+            }
+            maglev_ring(&rest, RING_SIZE)
+        };
+        let moved = lock(&self.node.dataplane)
+            .rings
+            .update(0, &self.ring, &ring)
+            .context("rewriting the VIP's ring")?;
+        self.ring = ring;
+        Ok(moved)
+    }
+
     /// Attaches or detaches the decap program on every backend. Without it,
     /// encapsulated packets reach the backends' stacks as IPIP, which this
     /// kernel cannot decapsulate: only useful to look at them on the wire.
