@@ -1,34 +1,37 @@
-//! The flow hash and the ring-slot mapping.
+//! The flow hash, the ring-slot mapping and the connection-table slot.
 //!
-//! Both run in the XDP program and in userspace (tests, tools that predict a
-//! flow's backend), so they live here once. The hash is the tail and
-//! avalanche stages of xxHash32: a multiply and a rotate per word, no
-//! tables, no loops the verifier must bound, and a good spread over the ring.
+//! All run in the XDP program and in userspace (tests, tools that predict a
+//! flow's backend), so they live here once. The hash is the 4-byte-tail and
+//! avalanche stages of xxHash64: a multiply and a rotate per 32-bit word, no
+//! tables, no loops the verifier must bound. One 64-bit hash per packet
+//! serves three purposes: its high half picks the ring slot, its low bits
+//! the connection-table set, and the whole of it is the flow's fingerprint
+//! in that set.
 
 use crate::{FAMILY_V6, FlowKey};
 
-const PRIME_2: u32 = 0x85eb_ca77;
-const PRIME_3: u32 = 0xc2b2_ae3d;
-const PRIME_4: u32 = 0x27d4_eb2f;
-const PRIME_5: u32 = 0x1656_67b1;
+const PRIME_1: u64 = 0x9e37_79b1_85eb_ca87;
+const PRIME_2: u64 = 0xc2b2_ae3d_27d4_eb4f;
+const PRIME_3: u64 = 0x1656_67b1_9e37_79f9;
+const PRIME_5: u64 = 0x27d4_eb2f_1656_67c5;
 
 /// Incremental hash over 32-bit words.
 #[derive(Clone, Copy, Debug)]
-pub struct FlowHasher(u32);
+pub struct FlowHasher(u64);
 
 impl FlowHasher {
     #[inline(always)]
     pub fn new(seed: u32) -> Self {
-        Self(seed.wrapping_add(PRIME_5))
+        Self(u64::from(seed).wrapping_add(PRIME_5))
     }
 
     #[inline(always)]
     pub fn write(self, word: u32) -> Self {
         Self(
-            self.0
-                .wrapping_add(word.wrapping_mul(PRIME_3))
-                .rotate_left(17)
-                .wrapping_mul(PRIME_4),
+            (self.0 ^ u64::from(word).wrapping_mul(PRIME_1))
+                .rotate_left(23)
+                .wrapping_mul(PRIME_2)
+                .wrapping_add(PRIME_3),
         )
     }
 
@@ -43,22 +46,21 @@ impl FlowHasher {
     }
 
     #[inline(always)]
-    pub fn finish(self) -> u32 {
+    pub fn finish(self) -> u64 {
         let mut h = self.0;
-        h ^= h >> 15;
+        h ^= h >> 33;
         h = h.wrapping_mul(PRIME_2);
-        h ^= h >> 13;
+        h ^= h >> 29;
         h = h.wrapping_mul(PRIME_3);
-        h ^ (h >> 16)
+        h ^ (h >> 32)
     }
 }
 
 impl FlowKey {
-    /// The hash that picks this flow's ring slot. Ports that are zero (a
-    /// fragment) simply hash as zero, which makes it a hash of
-    /// (source, destination, protocol).
+    /// The flow's 64-bit hash. Ports that are zero (a fragment) simply hash
+    /// as zero, which makes it a hash of (source, destination, protocol).
     #[inline(always)]
-    pub fn hash(&self, seed: u32) -> u32 {
+    pub fn hash64(&self, seed: u32) -> u64 {
         FlowHasher::new(seed)
             .write_addr(self.family, &self.src)
             .write_addr(self.family, &self.dst)
@@ -67,12 +69,47 @@ impl FlowKey {
             .finish()
     }
 
-    /// The client-affinity hash: the source address alone.
+    /// The hash that picks this flow's ring slot.
+    #[inline(always)]
+    pub fn hash(&self, seed: u32) -> u32 {
+        ring_hash(self.hash64(seed))
+    }
+
+    /// The client-affinity ring hash: the source address alone.
     #[inline(always)]
     pub fn source_hash(&self, seed: u32) -> u32 {
-        FlowHasher::new(seed)
-            .write_addr(self.family, &self.src)
-            .finish()
+        ring_hash(
+            FlowHasher::new(seed)
+                .write_addr(self.family, &self.src)
+                .finish(),
+        )
+    }
+}
+
+/// The ring hash: the 64-bit hash's high half.
+#[inline(always)]
+pub fn ring_hash(hash64: u64) -> u32 {
+    (hash64 >> 32) as u32
+}
+
+/// Where a flow lives in the connection table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnSlot {
+    /// Index of its set: the hash's low bits.
+    pub set: u32,
+    /// What its entry holds instead of the 40-byte key; never 0, which
+    /// marks an empty way.
+    pub fingerprint: u64,
+}
+
+impl ConnSlot {
+    /// `mask`: the number of sets minus one (a power of two minus one).
+    #[inline(always)]
+    pub fn of(hash64: u64, mask: u32) -> Self {
+        Self {
+            set: hash64 as u32 & mask,
+            fingerprint: if hash64 == 0 { 1 } else { hash64 },
+        }
     }
 }
 
@@ -107,6 +144,14 @@ mod tests {
         assert_ne!(base.hash(0), key(2, 1000).hash(0));
         assert_ne!(base.hash(0), key(1, 1001).hash(0));
         assert_eq!(base.source_hash(7), key(1, 2000).source_hash(7));
+        assert_eq!(base.hash(3), ring_hash(base.hash64(3)));
+    }
+
+    #[test]
+    fn conn_slots_take_the_low_bits_and_never_a_zero_fingerprint() {
+        assert_eq!(ConnSlot::of(0x1234_5678_9abc_def5, 0xff).set, 0xf5);
+        assert_eq!(ConnSlot::of(0, 0xff).fingerprint, 1);
+        assert_eq!(ConnSlot::of(7, 0).fingerprint, 7);
     }
 
     #[test]

@@ -12,7 +12,7 @@ pub mod hash;
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-pub use hash::{FlowHasher, ring_slot};
+pub use hash::{ConnSlot, FlowHasher, ring_hash, ring_slot};
 
 /// Address family tags used in keys and values (not the kernel's AF_* values:
 /// these only need to be distinct and non-zero, so that zeroed memory means
@@ -37,7 +37,7 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
 pub const DEFAULT_RING_SIZE: u32 = 65537;
 /// Flat ring storage shared by all VIPs: `max_vips` rings of the default size.
 pub const DEFAULT_RING_CAPACITY: u32 = DEFAULT_MAX_VIPS * DEFAULT_RING_SIZE;
-/// Connection-table flows in all, split evenly between CPUs.
+/// Connection-table flows.
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 1 << 21;
 /// Bits in the VIP address prefilter (a one-hash Bloom filter, see
 /// [`VipFilter`]).
@@ -185,12 +185,12 @@ pub struct Settings {
     /// gives a neighbour: the packet leaves through the ingress interface.
     pub gateway_mac: [u8; 6],
     pub _pad: [u8; 2],
-    /// Sets per CPU in `CONNTRACK`, minus one. Filled in by the map's owner
-    /// from the table's geometry, never by hand.
+    /// Sets in `CONNTRACK`, minus one. Filled in by the map's owner from
+    /// the table's geometry, never by hand.
     pub conntrack_mask: u32,
 }
 
-/// Key of the connection table (an LRU hash per CPU). Ports in network
+/// Key of the connection table. Ports in network
 /// byte order, as on the wire.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -204,45 +204,48 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-/// One remembered flow of the connection table. `key.family == 0`: empty.
+/// One remembered flow of the connection table: 16 bytes, so that a set of
+/// four is one cache line. The flow is known by its 64-bit fingerprint (see
+/// `ConnSlot`) rather than its 40-byte key; two live flows of one set would
+/// need the same 64-bit hash to be confused.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEntry {
-    pub key: FlowKey,
-    pub backend_id: u32,
+    /// 0: the way is empty.
+    pub fingerprint: u64,
+    pub backend_id: u16,
     /// The VIP the flow was balanced for, and its generation then: an entry
     /// counts only while `VIP_LIVE[vip_id]` still holds that generation, so
     /// deleting a VIP ends its flows without touching the table.
-    pub vip_id: u32,
-    pub vip_generation: u32,
-    /// The set's clock when the flow was last seen: the smallest is the
-    /// least recently used way.
-    pub last_used: u32,
+    pub vip_id: u16,
+    pub vip_generation: u16,
+    pub _pad: u16,
 }
 
 /// Ways per connection-table set: with four, a set only evicts a live flow
 /// when five flows hash to it, rare until the table is nearly full.
 pub const FLOW_WAYS: usize = 4;
 
-/// Value of the `CONNTRACK` array: one set of a set-associative table. Each
-/// CPU owns a contiguous range of sets (no sharing, no locks); a flow's set
-/// within that range is picked by its flow hash. Within a set, a new flow
-/// replaces the least recently used way, so the table ages like an LRU
-/// whose scope is the set.
-#[repr(C)]
+/// Backend and VIP ids must fit the connection table's 16-bit fields.
+pub const MAX_IDS: u32 = 1 << 16;
+
+/// Value of the `CONNTRACK` array: one set of a set-associative table
+/// shared by all CPUs, the set picked by the flow hash. The ways are kept
+/// in order of use, most recent first: a hit moves its entry to the front,
+/// a new flow enters at the front and pushes the least recently used one
+/// out of the back. Shared rather than per CPU because a flow's packets do
+/// not always arrive on one CPU (veth, RSS changes): a per-CPU table would
+/// forget the flow exactly when its ring has changed.
+#[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowSet {
     pub ways: [FlowEntry; FLOW_WAYS],
-    /// Advances on every use of the set; stamps `last_used`.
-    pub clock: u32,
-    pub _pad: u32,
 }
 
-/// Connection-table geometry: how many sets each CPU owns (a power of two,
-/// so the set is `hash & (sets - 1)`), for `entries` flows in all over
-/// `cpus` CPUs.
-pub fn conntrack_sets_per_cpu(entries: u32, cpus: u32) -> u32 {
-    let sets = entries / FLOW_WAYS as u32 / cpus.max(1);
+/// Connection-table geometry: the number of sets (a power of two, so the
+/// set is `hash & (sets - 1)`) for at most `entries` flows.
+pub fn conntrack_sets(entries: u32) -> u32 {
+    let sets = entries / FLOW_WAYS as u32;
     if sets <= 1 {
         1
     } else {
@@ -357,7 +360,8 @@ pub enum Counter {
     ConnHit,
     /// Reason: the flow took the ring (SYN, new or forgotten flow).
     ConnMiss,
-    /// Reason: the new flow could not be recorded (no set for this CPU).
+    /// Reason: the new flow could not be recorded (the table has no set for
+    /// it: only if it was sized inconsistently with the settings).
     ConnInsertFailed,
     /// Reason: recording the new flow replaced another live flow of its set:
     /// the table is too small for the number of concurrent flows.
@@ -467,7 +471,7 @@ mod tests {
         assert_eq!(size_of::<Settings>(), 40);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<Traffic>(), 24);
-        assert_eq!(size_of::<FlowSet>(), 232);
+        assert_eq!(size_of::<FlowSet>(), 64);
         assert_eq!(size_of::<AddrKey>(), 20);
     }
 
@@ -489,11 +493,10 @@ mod tests {
     }
 
     #[test]
-    fn conntrack_sets_are_a_power_of_two_per_cpu() {
-        assert_eq!(conntrack_sets_per_cpu(1 << 21, 2), 1 << 18);
-        assert_eq!(conntrack_sets_per_cpu(3000, 2), 256);
-        assert_eq!(conntrack_sets_per_cpu(1, 8), 1);
-        assert_eq!(conntrack_sets_per_cpu(100, 0), 16);
+    fn conntrack_sets_are_a_power_of_two() {
+        assert_eq!(conntrack_sets(1 << 21), 1 << 19);
+        assert_eq!(conntrack_sets(3000), 512);
+        assert_eq!(conntrack_sets(1), 1);
     }
 
     #[test]

@@ -2,27 +2,30 @@
 //! ring changes under it, and an established flow is forwarded without
 //! looking its VIP up at all.
 //!
-//! A set-associative table in one array (see `lb_common::FlowSet`): each CPU
-//! owns its own range of sets, so lookups and inserts are an inlined array
-//! access and a few stores, with no lock and no contention. (An LRU hash map
-//! costs a lock-taking allocation per new flow, several times the rest of
-//! the packet path.)
+//! A set-associative table in one array (see `lb_common::FlowSet`): a set
+//! is one cache line of four 16-byte entries, kept most recently used
+//! first. Lookups and inserts are an inlined array access and a few loads
+//! and stores, with no lock. (An LRU hash map costs a lock-taking
+//! allocation per new flow, several times the rest of the packet path, and
+//! a 40-byte key per entry.)
+//!
+//! Without a lock, two CPUs may write one set at once. Each entry is
+//! written payload first and fingerprint last, with volatile stores that
+//! keep that order, so a reader that finds a fingerprint also finds the
+//! payload stored with it. What remains: a flow being moved within its set
+//! can be missed for an instant (it then takes the ring, which gives the
+//! same backend unless the ring just changed), and a set may briefly hold
+//! a flow twice. Both need two CPUs on one set at the same moment.
 
-use aya_ebpf::helpers::generated::bpf_get_smp_processor_id;
-use lb_common::{FLOW_WAYS, FlowEntry, FlowKey, FlowSet, VipInfo};
+use core::ptr::write_volatile;
+
+use lb_common::{FLOW_WAYS, FlowEntry, FlowSet, VipInfo};
 
 use crate::maps::{CONNTRACK, VIP_LIVE, array_get};
 
-/// This CPU's set for a flow hash; `None` if the table has no sets for this
-/// CPU (more CPUs than the table was sized for).
 #[inline(always)]
-pub fn set_for(hash: u32, mask: u32) -> Option<*mut FlowSet> {
-    // SAFETY: a helper without arguments or side effects.
-    let cpu = unsafe { bpf_get_smp_processor_id() };
-    CONNTRACK.get_ptr_mut(
-        cpu.wrapping_mul(mask.wrapping_add(1))
-            .wrapping_add(hash & mask),
-    )
+pub fn set_at(index: u32) -> Option<*mut FlowSet> {
+    CONNTRACK.get_ptr_mut(index)
 }
 
 /// A flow the table knows, for a VIP that is still programmed.
@@ -31,25 +34,27 @@ pub struct Known {
     pub vip_id: u32,
 }
 
-/// The entry for `flow` in `set`, marked most recently used.
+/// The entry with `fingerprint` in `set`, moved to the front.
 #[inline(always)]
-pub fn lookup(set: *mut FlowSet, flow: &FlowKey) -> Option<Known> {
-    // SAFETY: `set` points into this CPU's own range of the array, which no
-    // other CPU writes; userspace only ever clears whole sets.
+pub fn lookup(set: *mut FlowSet, fingerprint: u64) -> Option<Known> {
+    // SAFETY: `set` is a live map value for the whole program run; other
+    // CPUs may write it concurrently (see the module docs).
     let set = unsafe { &mut *set };
     let mut way = 0;
     while way < FLOW_WAYS {
-        if set.ways[way].key == *flow {
-            set.clock = set.clock.wrapping_add(1);
-            let entry = &mut set.ways[way];
-            entry.last_used = set.clock;
-            let live = array_get(&VIP_LIVE, entry.vip_id)?;
-            if live == 0 || live != entry.vip_generation {
+        let entry = set.ways[way];
+        if entry.fingerprint == fingerprint {
+            if way != 0 {
+                shift_back(set, way);
+                store(&mut set.ways[0], entry);
+            }
+            let live = array_get(&VIP_LIVE, u32::from(entry.vip_id))?;
+            if live == 0 || live != u32::from(entry.vip_generation) {
                 return None;
             }
             return Some(Known {
-                backend_id: entry.backend_id,
-                vip_id: entry.vip_id,
+                backend_id: u32::from(entry.backend_id),
+                vip_id: u32::from(entry.vip_id),
             });
         }
         way += 1;
@@ -57,35 +62,57 @@ pub fn lookup(set: *mut FlowSet, flow: &FlowKey) -> Option<Known> {
     None
 }
 
-/// Records `flow` in `set`: over its own old entry, else in an empty way,
-/// else over the least recently used one. Returns whether a live flow was
-/// evicted.
+/// Records the flow at the front of `set`, replacing its own old entry, or
+/// else pushing the least recently used one out of the back if the set is
+/// full. Returns whether a live flow was pushed out.
 #[inline(always)]
-pub fn record(set: *mut FlowSet, flow: &FlowKey, vip: &VipInfo, backend_id: u32) -> bool {
+pub fn record(set: *mut FlowSet, fingerprint: u64, vip: &VipInfo, backend_id: u32) -> bool {
     // SAFETY: as in `lookup`.
     let set = unsafe { &mut *set };
-    let mut victim = 0;
+    let mut freed = FLOW_WAYS - 1;
     let mut way = 0;
     while way < FLOW_WAYS {
-        let entry = &set.ways[way];
-        if entry.key == *flow || entry.key.family == 0 {
-            victim = way;
+        let old = set.ways[way].fingerprint;
+        if old == fingerprint || old == 0 {
+            freed = way;
             break;
-        }
-        if entry.last_used.wrapping_sub(set.ways[victim].last_used) > u32::MAX / 2 {
-            victim = way;
         }
         way += 1;
     }
-    let old = &set.ways[victim].key;
-    let evicted = old.family != 0 && *old != *flow;
-    set.clock = set.clock.wrapping_add(1);
-    set.ways[victim] = FlowEntry {
-        key: *flow,
-        backend_id,
-        vip_id: vip.id,
-        vip_generation: vip.generation,
-        last_used: set.clock,
-    };
-    evicted
+    let old = set.ways[freed].fingerprint;
+    shift_back(set, freed);
+    store(
+        &mut set.ways[0],
+        FlowEntry {
+            fingerprint,
+            backend_id: backend_id as u16,
+            vip_id: vip.id as u16,
+            vip_generation: vip.generation as u16,
+            _pad: 0,
+        },
+    );
+    old != 0 && old != fingerprint
+}
+
+/// Moves the ways in front of `way` one place back, over `way`.
+#[inline(always)]
+fn shift_back(set: &mut FlowSet, way: usize) {
+    let mut to = way;
+    while to > 0 && to < FLOW_WAYS {
+        let moved = set.ways[to - 1];
+        store(&mut set.ways[to], moved);
+        to -= 1;
+    }
+}
+
+#[inline(always)]
+fn store(slot: &mut FlowEntry, entry: FlowEntry) {
+    // SAFETY: `slot` is a valid, aligned field of a live map value; the
+    // volatile stores keep the fingerprint last.
+    unsafe {
+        write_volatile(&mut slot.backend_id, entry.backend_id);
+        write_volatile(&mut slot.vip_id, entry.vip_id);
+        write_volatile(&mut slot.vip_generation, entry.vip_generation);
+        write_volatile(&mut slot.fingerprint, entry.fingerprint);
+    }
 }

@@ -54,16 +54,16 @@ fn balance(ctx: &XdpContext) -> Result<Counter, Counter> {
         TransportError::Malformed => vip::malformed_verdict(&l3),
     })?;
     let settings = array_get(&SETTINGS, 0).ok_or(Counter::DropNoBackend)?;
-    let flow_hash = pkt.flow.hash(settings.hash_seed);
-    let set = select::conntrack_set(&pkt, flow_hash, &settings);
-    let chosen = match select::established(set, &pkt) {
+    let flow_hash = pkt.flow.hash64(settings.hash_seed);
+    let tracking = select::tracking(&pkt, flow_hash, &settings);
+    let chosen = match select::established(tracking, &pkt) {
         Some(known) => known,
         None => {
             let vip = vip::lookup(&pkt.flow).ok_or_else(|| vip::miss_verdict(&pkt))?;
             if pkt.fragment {
                 count(Counter::Fragment);
             }
-            select::from_ring(&vip, &pkt, flow_hash, set, &settings)?
+            select::from_ring(&vip, &pkt, flow_hash, tracking, &settings)?
         }
     };
     if pkt.ipv4_options {

@@ -2,7 +2,8 @@
 //! and the backend is up, else the VIP's Maglev ring's (and record it).
 
 use lb_common::{
-    BACKEND_F_UP, Backend, Counter, FlowSet, Settings, VIP_F_CLIENT_AFFINITY, VipInfo, ring_slot,
+    BACKEND_F_UP, Backend, ConnSlot, Counter, FlowSet, Settings, VIP_F_CLIENT_AFFINITY, VipInfo,
+    ring_hash, ring_slot,
 };
 
 use crate::{
@@ -20,25 +21,36 @@ pub struct Selection {
     pub new_flow: bool,
 }
 
-/// The flow's connection-table set. Fragments have none: their key lacks
-/// ports, and the ring alone already sends every fragment of a datagram to
-/// one backend.
+/// Where the flow lives in the connection table. Fragments have no place:
+/// their key lacks ports, and the ring alone already sends every fragment
+/// of a datagram to one backend.
+#[derive(Clone, Copy)]
+pub struct Tracking {
+    set: *mut FlowSet,
+    fingerprint: u64,
+}
+
 #[inline(always)]
-pub fn conntrack_set(pkt: &Packet, flow_hash: u32, settings: &Settings) -> Option<*mut FlowSet> {
+pub fn tracking(pkt: &Packet, flow_hash: u64, settings: &Settings) -> Option<Tracking> {
     if pkt.fragment {
         return None;
     }
-    conntrack::set_for(flow_hash, settings.conntrack_mask)
+    let slot = ConnSlot::of(flow_hash, settings.conntrack_mask);
+    Some(Tracking {
+        set: conntrack::set_at(slot.set)?,
+        fingerprint: slot.fingerprint,
+    })
 }
 
 /// The backend of a flow the table knows. A SYN skips the lookup: it
 /// starts a new connection whatever an old entry says.
 #[inline(always)]
-pub fn established(set: Option<*mut FlowSet>, pkt: &Packet) -> Option<Selection> {
+pub fn established(tracking: Option<Tracking>, pkt: &Packet) -> Option<Selection> {
     if pkt.syn {
         return None;
     }
-    let known = conntrack::lookup(set?, &pkt.flow)?;
+    let tracking = tracking?;
+    let known = conntrack::lookup(tracking.set, tracking.fingerprint)?;
     match programmed_backend(known.backend_id) {
         Some(backend) if backend.flags & BACKEND_F_UP != 0 => {
             count(Counter::ConnHit);
@@ -61,15 +73,15 @@ pub fn established(set: Option<*mut FlowSet>, pkt: &Packet) -> Option<Selection>
 pub fn from_ring(
     vip: &VipInfo,
     pkt: &Packet,
-    flow_hash: u32,
-    set: Option<*mut FlowSet>,
+    flow_hash: u64,
+    tracking: Option<Tracking>,
     settings: &Settings,
 ) -> Result<Selection, Counter> {
     count(Counter::ConnMiss);
     let hash = if vip.flags & VIP_F_CLIENT_AFFINITY != 0 {
         pkt.flow.source_hash(settings.hash_seed)
     } else {
-        flow_hash
+        ring_hash(flow_hash)
     };
     if vip.ring_size == 0 {
         return Err(Counter::DropNoBackend);
@@ -77,9 +89,9 @@ pub fn from_ring(
     let backend_id = array_get(&RINGS, vip.ring_offset + ring_slot(hash, vip.ring_size))
         .ok_or(Counter::DropNoBackend)?;
     let backend = programmed_backend(backend_id).ok_or(Counter::DropNoBackend)?;
-    match set {
-        Some(set) => {
-            if conntrack::record(set, &pkt.flow, vip, backend_id) {
+    match tracking {
+        Some(tracking) => {
+            if conntrack::record(tracking.set, tracking.fingerprint, vip, backend_id) {
                 count(Counter::ConnEvicted);
             }
         }

@@ -375,19 +375,3 @@ pub fn outer_src_for(backend: IpAddr) -> IpAddr {
         OUTER_SRC_V6.into()
     }
 }
-
-/// Pins the calling thread to the CPU it runs on. Test runs execute on the
-/// calling CPU, and the connection table is per CPU: a test that needs
-/// several packets to meet in one CPU's table must not migrate.
-pub fn pin_to_current_cpu() {
-    // SAFETY: `sched_getcpu` has no arguments; `set` is a zeroed, valid
-    // cpu_set_t that `sched_setaffinity` reads for its stated size.
-    unsafe {
-        let cpu = libc::sched_getcpu();
-        assert!(cpu >= 0, "sched_getcpu failed");
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu as usize, &mut set);
-        let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-        assert_eq!(rc, 0, "sched_setaffinity failed");
-    }
-}

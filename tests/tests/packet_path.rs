@@ -9,7 +9,7 @@
 
 use std::net::IpAddr;
 
-use lb_common::{Counter::*, FLOW_WAYS, FlowKey, NextHop, SETTINGS_F_GATEWAY_MAC};
+use lb_common::{ConnSlot, Counter::*, FLOW_WAYS, FlowKey, NextHop, SETTINGS_F_GATEWAY_MAC};
 use xlb_tests::*;
 
 /// A fixture, or return (skip) when the test may not run here.
@@ -693,11 +693,8 @@ fn deleting_a_vip_ends_its_established_flows() {
 #[test]
 fn a_full_set_evicts_its_least_recently_used_flow() {
     let mut fx = fixture!();
-    // Every test run executes on the calling CPU: stay on one, so that all
-    // flows meet in that CPU's sets.
-    pin_to_current_cpu();
-    let sets = fx.dp.conntrack.geometry().sets_per_cpu;
-    let set_of = |pkt: &Pkt| pkt.flow().hash(HASH_SEED) & (sets - 1);
+    let sets = fx.dp.conntrack.geometry().sets;
+    let set_of = |pkt: &Pkt| ConnSlot::of(pkt.flow().hash64(HASH_SEED), sets - 1).set;
     let first = Pkt::tcp_syn(CLIENT_V4, 10000, WEB_V4.addr, 80);
     let same_set: Vec<Pkt> = (10000..u16::MAX)
         .map(|port| Pkt::tcp_syn(CLIENT_V4, port, WEB_V4.addr, 80))
@@ -711,7 +708,12 @@ fn a_full_set_evicts_its_least_recently_used_flow() {
     }
     // The oldest resident is used again, so the second one is now the
     // least recently used.
-    let again = Pkt::tcp_ack(CLIENT_V4, u16::from_be(residents[0].flow().sport), WEB_V4.addr, 80);
+    let again = Pkt::tcp_ack(
+        CLIENT_V4,
+        u16::from_be(residents[0].flow().sport),
+        WEB_V4.addr,
+        80,
+    );
     let (_, moved) = fx.run_counted(&again.build());
     moved.assert_counters(&[ConnHit, Tx]);
 

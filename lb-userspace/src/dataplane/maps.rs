@@ -9,9 +9,9 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, xdp::DevMapHash},
 };
 use lb_common::{
-    AddrKey, Backend, Counter, FAMILY_V4, FAMILY_V6, FLOW_WAYS, FlowKey, FlowSet, NextHop,
-    PROTO_TCP, PROTO_UDP, Settings, Traffic, VipFilter, VipInfo, VipKey, addr_from_ip,
-    conntrack_sets_per_cpu, map_names,
+    AddrKey, Backend, ConnSlot, Counter, FAMILY_V4, FAMILY_V6, FLOW_WAYS, FlowKey, FlowSet,
+    NextHop, PROTO_TCP, PROTO_UDP, Settings, Traffic, VipFilter, VipInfo, VipKey, addr_from_ip,
+    conntrack_sets, map_names,
 };
 
 use super::{DataplaneError, Limits};
@@ -101,7 +101,8 @@ impl VipTable {
         let generation = match previous {
             Some(previous) if previous.id == info.id => previous.generation,
             _ => {
-                self.last_generation = self.last_generation.wrapping_add(1).max(1);
+                // The connection table keeps 16 bits of it; 0 means "none".
+                self.last_generation = self.last_generation % u32::from(u16::MAX) + 1;
                 self.last_generation
             }
         };
@@ -356,7 +357,7 @@ impl SettingsTable {
     /// whatever `settings` says.
     pub fn set(&mut self, settings: Settings) -> Result<(), DataplaneError> {
         let settings = Settings {
-            conntrack_mask: self.geometry.sets_per_cpu - 1,
+            conntrack_mask: self.geometry.sets - 1,
             ..settings
         };
         self.settings
@@ -430,32 +431,23 @@ fn decap_key(ip: IpAddr) -> AddrKey {
     }
 }
 
-/// How the connection table is laid out: every CPU owns `sets_per_cpu`
-/// consecutive sets.
+/// How the connection table is laid out: `sets` sets of `FLOW_WAYS` ways.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnGeometry {
-    pub cpus: u32,
-    pub sets_per_cpu: u32,
+    pub sets: u32,
 }
 
 impl ConnGeometry {
-    /// For `flows` in all on this machine's possible CPUs.
-    pub fn for_this_machine(flows: u32) -> Result<Self, DataplaneError> {
-        let cpus = aya::util::nr_cpus().map_err(|(what, err)| DataplaneError::Cpus(what, err))?;
-        let cpus = u32::try_from(cpus).unwrap_or(u32::MAX);
-        Ok(Self {
-            cpus,
-            sets_per_cpu: conntrack_sets_per_cpu(flows, cpus),
-        })
-    }
-
-    pub fn total_sets(&self) -> u32 {
-        self.cpus.saturating_mul(self.sets_per_cpu)
+    /// For at most `flows` flows.
+    pub fn for_flows(flows: u32) -> Self {
+        Self {
+            sets: conntrack_sets(flows),
+        }
     }
 
     /// Flows the table holds at most.
     pub fn capacity(&self) -> u64 {
-        u64::from(self.total_sets()) * FLOW_WAYS as u64
+        u64::from(self.sets) * FLOW_WAYS as u64
     }
 }
 
@@ -477,21 +469,19 @@ impl ConnTable {
         self.geometry
     }
 
-    /// The backend some CPU's table holds for `flow`, hashed with `seed`
-    /// (the settings' hash seed, as the packet path uses).
+    /// The backend the table holds for `flow`, hashed with `seed` (the
+    /// settings' hash seed, as the packet path uses).
     pub fn flow(&self, flow: &FlowKey, seed: u32) -> Result<Option<u32>, DataplaneError> {
-        let set_in_cpu = flow.hash(seed) & (self.geometry.sets_per_cpu - 1);
-        for cpu in 0..self.geometry.cpus {
-            let index = cpu * self.geometry.sets_per_cpu + set_in_cpu;
-            let set = self
-                .sets
-                .get(&index, 0)
-                .map_err(DataplaneError::map(map_names::CONNTRACK))?;
-            if let Some(entry) = set.ways.iter().find(|entry| entry.key == *flow) {
-                return Ok(Some(entry.backend_id));
-            }
-        }
-        Ok(None)
+        let slot = ConnSlot::of(flow.hash64(seed), self.geometry.sets - 1);
+        let set = self
+            .sets
+            .get(&slot.set, 0)
+            .map_err(DataplaneError::map(map_names::CONNTRACK))?;
+        Ok(set
+            .ways
+            .iter()
+            .find(|entry| entry.fingerprint == slot.fingerprint)
+            .map(|entry| u32::from(entry.backend_id)))
     }
 }
 

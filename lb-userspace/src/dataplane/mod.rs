@@ -11,8 +11,8 @@ use aya::{
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use lb_common::{
-    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_RING_CAPACITY, NextHop,
-    map_names, program_names,
+    DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_RING_CAPACITY, MAX_IDS,
+    NextHop, map_names, program_names,
 };
 
 pub use self::maps::{
@@ -53,8 +53,6 @@ pub enum DataplaneError {
     },
     #[error("VIP id {id} is already used by {by}")]
     VipIdInUse { id: u32, by: String },
-    #[error("counting CPUs ({0}): {1}")]
-    Cpus(&'static str, #[source] std::io::Error),
     #[error("no interface named {0:?}")]
     UnknownInterface(String),
     #[error("{program} is not attached to {interface}")]
@@ -94,9 +92,8 @@ pub struct Limits {
     pub max_backends: u32,
     /// Slots of ring storage shared by all VIPs.
     pub ring_capacity: u32,
-    /// Connection-table flows in all, split evenly between CPUs (each CPU
-    /// owns its sets; see `lb_common::FlowSet`) and rounded down to a power
-    /// of two per CPU.
+    /// Connection-table flows, rounded down to a power of two (see
+    /// `lb_common::FlowSet`).
     pub conntrack_size: u32,
 }
 
@@ -159,7 +156,19 @@ impl Dataplane {
     /// Loads both programs into the kernel (the verifier runs here) with the
     /// given map sizes, and takes ownership of every map.
     pub fn load(limits: Limits) -> Result<Self, DataplaneError> {
-        let geometry = ConnGeometry::for_this_machine(limits.conntrack_size)?;
+        for (what, value) in [
+            ("max_vips", limits.max_vips),
+            ("max_backends", limits.max_backends),
+        ] {
+            if value == 0 || value > MAX_IDS {
+                return Err(DataplaneError::OutOfRange {
+                    what,
+                    value: value.into(),
+                    limit: MAX_IDS.into(),
+                });
+            }
+        }
+        let geometry = ConnGeometry::for_flows(limits.conntrack_size);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(map_names::VIPS, limits.max_vips)
             .map_max_entries(map_names::VIP_ADDRS, limits.max_vips)
@@ -169,7 +178,7 @@ impl Dataplane {
             .map_max_entries(map_names::BACKENDS, limits.max_backends)
             .map_max_entries(map_names::NEXTHOPS, limits.max_backends)
             .map_max_entries(map_names::BACKEND_STATS, limits.max_backends)
-            .map_max_entries(map_names::CONNTRACK, geometry.total_sets())
+            .map_max_entries(map_names::CONNTRACK, geometry.sets)
             .load(XDP_OBJECT)
             .map_err(|err| DataplaneError::Load(Box::new(err)))?;
         for role in [Role::Balancer, Role::Decap] {
