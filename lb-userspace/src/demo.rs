@@ -1728,7 +1728,20 @@ pub fn check_round(site: &Site, round: &Round, label: &str, failed: Option<&str>
             round.by_cluster().keys().collect::<Vec<_>>()
         ));
     }
-    let _ = site;
+    let misattributed = round
+        .connections
+        .iter()
+        .filter_map(|c| c.outcome.as_ref().ok())
+        .filter(|a| {
+            site.backend(&a.backend)
+                .is_none_or(|b| b.cluster != a.cluster)
+        })
+        .count();
+    if misattributed > 0 {
+        problems.push(format!(
+            "{label}: {misattributed} answers named a backend or cluster the site does not have"
+        ));
+    }
     problems
 }
 

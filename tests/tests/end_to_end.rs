@@ -4,6 +4,7 @@
 //! connections. Each test builds its own site and checks that tearing it
 //! down leaves no namespace behind.
 
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::thread;
@@ -251,4 +252,69 @@ fn teardown_removes_every_namespace_even_after_a_panic() {
     assert!(result.is_err());
     let left = Topology::leftovers(&prefix.expect("the site was built")).unwrap();
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: cpu_set_t is plain old data; sched_setaffinity only changes
+    // the calling thread.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(rc, 0, "pinning to CPU {cpu}");
+}
+
+/// On veth the CPU that runs the balancer for a packet is the sender's, so
+/// one flow's packets can meet different CPUs. A flow established through
+/// CPU 0 must keep its backend when its next packet, after a ring change,
+/// is carried by CPU 1.
+///
+/// A connection table private to each CPU failed this: CPU 1 did not know
+/// the flow, took the new ring, and the other backend answered with a reset.
+#[test]
+fn an_established_flow_keeps_its_backend_when_another_cpu_carries_it() {
+    if !may_run() {
+        return;
+    }
+    if thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("skipped: needs two CPUs");
+        return;
+    }
+    let mut site = build("e2e-cpu", 1);
+    let vip = SocketAddr::from(site.vip());
+    let before = site.counters().expect("counters");
+    let mut stream = site
+        .client()
+        .run_in(move || {
+            pin_to_cpu(0);
+            TcpStream::connect(vip)
+        })
+        .expect("entering the client")
+        .expect("connecting");
+    thread::sleep(Duration::from_millis(50));
+    let opened = site.counters().expect("counters").since(&before);
+    let (chosen, _) = opened
+        .backends
+        .iter()
+        .find(|(_, t)| t.packets > 0)
+        .expect("the handshake went to a backend")
+        .clone();
+    // Out of the ring, still up and serving: its flows must stay with it.
+    site.drain_backend(&chosen).expect("draining");
+    let reply = thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                pin_to_cpu(1);
+                stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+                stream.write_all(b"who\n")?;
+                let mut reply = String::new();
+                stream.read_to_string(&mut reply).map(|_| reply)
+            })
+            .join()
+            .expect("the sender thread")
+    });
+    let reply = reply.expect("the established connection survives the ring change");
+    assert!(reply.contains(&chosen), "{reply}");
+    close(site);
 }
