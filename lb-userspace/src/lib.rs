@@ -3,5 +3,6 @@
 
 pub mod dataplane;
 pub mod demo;
+pub mod policy;
 pub mod state;
 pub mod topology;
