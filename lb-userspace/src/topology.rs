@@ -875,8 +875,12 @@ impl IfSocket {
 /// stderr.
 fn run(cmd: &mut Command) -> Result<Output> {
     let command = describe(cmd);
+    // A process group of its own: a second Ctrl-C at the terminal reaches
+    // the whole foreground group, and must not kill the `ip netns del` of
+    // a teardown already under way.
     let output = cmd
         .stdin(Stdio::null())
+        .process_group(0)
         .output()
         .map_err(|source| TopologyError::Spawn {
             command: command.clone(),
