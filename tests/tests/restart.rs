@@ -1,0 +1,720 @@
+//! Restart without loss: the maps and the XDP links pinned in bpffs outlive
+//! the controller, the next controller takes them over as they are, and the
+//! program on an interface is replaced through its link, atomically.
+//!
+//! Each test mounts a bpffs of its own on a fresh directory (the machine's
+//! `/sys/fs/bpf` may not be mounted, and tests run in parallel) and unmounts
+//! it on every way out, panics included. A restart is modelled as the
+//! process sees it: the [`Dataplane`] is dropped, closing every descriptor
+//! it held, and a new one is loaded from the same pin directory.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::unix::ffi::OsStrExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use aya::programs::{TestRun, TestRunOptions};
+use lb_common::{
+    BACKEND_F_UP, Backend, Counter, FLOW_WAYS, FlowKey, NEXTHOP_F_VALID, NextHop, PROTO_UDP,
+    Settings, VipInfo, VipKey, addr_from_ip, map_names,
+};
+use xlb::dataplane::{
+    AttachMode, Dataplane, DataplaneError, Limits, Role, pinned_links, remove_pinned,
+    xdp_attachment,
+};
+use xlb::topology::{Host, LinkOpts, Topology};
+use xlb_tests::*;
+
+/// Every map of the object: each leaves a pin.
+const MAPS: [&str; 14] = [
+    map_names::VIPS,
+    map_names::VIP_ADDRS,
+    map_names::VIP_LIVE,
+    map_names::VIP_FILTER,
+    map_names::RINGS,
+    map_names::BACKENDS,
+    map_names::NEXTHOPS,
+    map_names::CONNTRACK,
+    map_names::SETTINGS,
+    map_names::TX_PORTS,
+    map_names::COUNTERS,
+    map_names::VIP_STATS,
+    map_names::BACKEND_STATS,
+    map_names::DECAP_ADDRS,
+];
+
+/// A bpffs mounted on a new directory under the system's temporary
+/// directory for one test; unmounted (lazily, so open descriptors do not
+/// hold it up) and removed when dropped, also while unwinding.
+struct BpfFs {
+    mount: PathBuf,
+}
+
+impl BpfFs {
+    fn mount(test: &str) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let mount = std::env::temp_dir().join(format!(
+            "xlb-restart-{}-{}-{test}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir_all(&mount).expect("creating the bpffs mount point");
+        let target = CString::new(mount.as_os_str().as_bytes()).expect("mount point path");
+        // SAFETY: every argument is a NUL-terminated string that outlives
+        // the call; bpffs takes no data.
+        let mounted = unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                target.as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if mounted != 0 {
+            let err = io::Error::last_os_error();
+            let _ = fs::remove_dir(&mount);
+            panic!("mount -t bpf bpf {}: {err}", mount.display());
+        }
+        Self { mount }
+    }
+
+    /// The pin directory inside the mount: not created yet, so that loading
+    /// creates it.
+    fn pin_dir(&self) -> PathBuf {
+        self.mount.join("xlb")
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let target = CString::new(self.mount.as_os_str().as_bytes()).expect("mount point path");
+        // SAFETY: `target` is a NUL-terminated path that outlives the call.
+        if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
+            eprintln!(
+                "umount {}: {}",
+                self.mount.display(),
+                io::Error::last_os_error()
+            );
+        }
+        let _ = fs::remove_dir(&self.mount);
+    }
+}
+
+/// The names in a directory, sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()))
+        .map(|entry| {
+            entry
+                .expect("reading a directory entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+fn sorted(names: &[&str]) -> Vec<String> {
+    let mut names: Vec<String> = names.iter().map(|name| (*name).to_owned()).collect();
+    names.sort();
+    names
+}
+
+fn set_backend(dp: &mut Dataplane, id: u32, addr: IpAddr) {
+    let (family, addr) = addr_from_ip(addr);
+    dp.backends
+        .set(
+            id,
+            Backend {
+                addr,
+                family,
+                flags: BACKEND_F_UP,
+                _pad: [0; 2],
+            },
+        )
+        .expect("writing BACKENDS");
+}
+
+/// Programs a VIP of the standard world with its pool, ring and backends.
+fn program_vip(dp: &mut Dataplane, vip: &VipDef) {
+    for id in vip.pool {
+        set_backend(dp, *id, backend(*id).addr);
+        dp.nexthops
+            .set(*id, standard_nexthop(*id))
+            .expect("writing NEXTHOPS");
+    }
+    dp.rings
+        .write(vip.ring_offset(), &ring_for(vip.pool, RING_SIZE))
+        .expect("writing RINGS");
+    dp.vips.insert(vip.key(), vip.info()).expect("writing VIPS");
+}
+
+/// Runs the balancer once on `frame` with BPF_PROG_TEST_RUN.
+fn run(dp: &Dataplane, frame: &[u8]) -> (Action, Vec<u8>) {
+    let mut out = vec![0; 4096];
+    let result = dp
+        .program(Role::Balancer)
+        .expect("balancer")
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..TestRunOptions::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (Action::from(result.return_value), out)
+}
+
+fn snapshot(dp: &Dataplane) -> Snapshot {
+    Snapshot::read(&dp.counters, LIMITS.max_vips, LIMITS.max_backends)
+}
+
+fn mirror(dp: &Dataplane) -> BTreeMap<VipKey, VipInfo> {
+    dp.vips.iter().map(|(key, info)| (*key, *info)).collect()
+}
+
+fn tracked(dp: &Dataplane, flow: &FlowKey) -> Option<u32> {
+    dp.conntrack
+        .flow(flow, HASH_SEED)
+        .expect("reading CONNTRACK")
+}
+
+#[test]
+fn maps_and_the_connection_table_survive_a_restart() {
+    if !privileged() {
+        return;
+    }
+    enter_private_netns();
+    let bpffs = BpfFs::mount("maps");
+    let dir = bpffs.pin_dir();
+
+    let mut dp = Dataplane::load_pinned(LIMITS, &dir).expect("loading pinned");
+    assert!(dp.reused_maps().is_empty(), "a fresh directory has no maps");
+    assert_eq!(entries(&dir), sorted(&MAPS), "every map pinned");
+    dp.settings
+        .set(standard_settings())
+        .expect("writing SETTINGS");
+    program_vip(&mut dp, &WEB_V4);
+    program_vip(&mut dp, &WEB_V6);
+
+    // A flow to each VIP; then WEB_V6 is deleted, so the table holds a flow
+    // of a deleted VIP, with a generation no map holds any more.
+    let web = Pkt::tcp_syn(CLIENT_V4, 40_000, WEB_V4.addr, WEB_V4.port);
+    let (action, _) = run(&dp, &web.build());
+    assert_eq!(action, Action::Tx, "the SYN is balanced");
+    let web_backend = tracked(&dp, &web.flow()).expect("the SYN's flow is recorded");
+    let web6 = Pkt::tcp_syn(CLIENT_V6, 40_001, WEB_V6.addr, WEB_V6.port);
+    assert_eq!(run(&dp, &web6.build()).0, Action::Tx);
+    let web6_generation = dp.vips.get(&WEB_V6.key()).expect("WEB_V6").generation;
+    assert!(dp.vips.remove(&WEB_V6.key()).expect("removing WEB_V6"));
+
+    let vips_before = mirror(&dp);
+    let ring_before = dp
+        .rings
+        .read(WEB_V4.ring_offset(), RING_SIZE)
+        .expect("reading RINGS");
+    let backend_before = dp.backends.get(web_backend).expect("reading BACKENDS");
+    let settings_before = dp.settings.get().expect("reading SETTINGS");
+    let counters_before = snapshot(&dp);
+    assert_eq!(counters_before.vips[WEB_V4.id as usize].new_flows, 1);
+
+    drop(dp);
+    assert_eq!(entries(&dir), sorted(&MAPS), "the pins outlive the process");
+
+    let mut dp = Dataplane::load_pinned(LIMITS, &dir).expect("loading again");
+    assert_eq!(sorted(dp.reused_maps()), sorted(&MAPS), "every map reused");
+    assert_eq!(
+        mirror(&dp),
+        vips_before,
+        "the VIP mirror is rebuilt from VIPS"
+    );
+    assert_eq!(
+        dp.rings
+            .read(WEB_V4.ring_offset(), RING_SIZE)
+            .expect("reading RINGS"),
+        ring_before
+    );
+    assert_eq!(
+        dp.backends.get(web_backend).expect("reading BACKENDS"),
+        backend_before
+    );
+    assert_eq!(
+        dp.settings.get().expect("reading SETTINGS"),
+        settings_before
+    );
+    assert_eq!(snapshot(&dp), counters_before, "the counters carry over");
+    assert_eq!(
+        tracked(&dp, &web.flow()),
+        Some(web_backend),
+        "the connection table carries over"
+    );
+
+    // The established flow is still a connection-table hit, to its backend.
+    let ack = Pkt::tcp_ack(CLIENT_V4, 40_000, WEB_V4.addr, WEB_V4.port).build();
+    let before = snapshot(&dp);
+    let (action, out) = run(&dp, &ack);
+    let delta = snapshot(&dp).since(&before);
+    assert_eq!(action, Action::Tx);
+    assert_frame_eq(
+        &out,
+        &encapsulated(
+            &ack,
+            backend(web_backend).addr,
+            standard_egress(web_backend),
+        ),
+        "the established flow keeps its backend",
+    );
+    delta.assert_counters(&[Counter::Tx, Counter::ConnHit]);
+
+    // The rebuilt generation counter continues past the deleted VIP's, so
+    // re-creating that VIP does not revive its recorded flows.
+    program_vip(&mut dp, &WEB_V6);
+    let generation = dp.vips.get(&WEB_V6.key()).expect("WEB_V6").generation;
+    assert!(
+        generation > web6_generation,
+        "new generation {generation} must follow the deleted VIP's {web6_generation}"
+    );
+    let ack6 = Pkt::tcp_ack(CLIENT_V6, 40_001, WEB_V6.addr, WEB_V6.port).build();
+    let before = snapshot(&dp);
+    assert_eq!(run(&dp, &ack6).0, Action::Tx);
+    let delta = snapshot(&dp).since(&before);
+    assert_eq!(
+        (
+            delta.count(Counter::ConnHit),
+            delta.count(Counter::ConnMiss)
+        ),
+        (0, 1),
+        "the deleted VIP's flow is not taken for the new VIP's: {delta:?}"
+    );
+
+    let unpinned = dp.detach_all().expect("detach_all");
+    assert!(unpinned.interfaces.is_empty(), "{unpinned:?}");
+    assert_eq!(sorted(&unpinned.maps), sorted(&MAPS));
+    assert!(entries(&dir).is_empty(), "left: {:?}", entries(&dir));
+}
+
+#[test]
+fn a_pinned_map_that_does_not_fit_is_refused_with_what_to_do() {
+    if !privileged() {
+        return;
+    }
+    let bpffs = BpfFs::mount("mismatch");
+    let dir = bpffs.pin_dir();
+    drop(Dataplane::load_pinned(LIMITS, &dir).expect("loading pinned"));
+
+    let bigger = Limits {
+        ring_capacity: 2 * LIMITS.ring_capacity,
+        ..LIMITS
+    };
+    let err = match Dataplane::load_pinned(bigger, &dir) {
+        Ok(_) => panic!("a pinned RINGS of another size must be refused"),
+        Err(err) => err,
+    };
+    assert!(
+        matches!(err, DataplaneError::PinnedMapMismatch { name, .. } if name == map_names::RINGS),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    for part in [
+        "pinned map RINGS",
+        &format!("has {} entries", LIMITS.ring_capacity),
+        &format!("(ring_capacity) asks for {}", bigger.ring_capacity),
+        "xlb detach",
+    ] {
+        assert!(message.contains(part), "{message:?} lacks {part:?}");
+    }
+    eprintln!("the error reads: {message}");
+    let smaller_table = Limits {
+        conntrack_size: LIMITS.conntrack_size / 2,
+        ..LIMITS
+    };
+    match Dataplane::load_pinned(smaller_table, &dir) {
+        Err(err @ DataplaneError::PinnedMapMismatch { name, .. }) => {
+            assert_eq!(name, map_names::CONNTRACK);
+            let message = err.to_string();
+            let flows =
+                |flows: u32| format!("{} entries ({flows} flows)", flows / FLOW_WAYS as u32);
+            for part in [
+                format!("has {}", flows(LIMITS.conntrack_size)),
+                format!(
+                    "(conntrack_size) asks for {}",
+                    flows(smaller_table.conntrack_size)
+                ),
+            ] {
+                assert!(message.contains(&part), "{message:?} lacks {part:?}");
+            }
+        }
+        Err(err) => panic!("{err}"),
+        Ok(_) => panic!("a pinned CONNTRACK of another size must be refused"),
+    }
+
+    // The way out the message gives: remove the pins, load afresh.
+    let unpinned = remove_pinned(&dir).expect("removing the pins");
+    assert_eq!(sorted(&unpinned.maps), sorted(&MAPS));
+    assert!(entries(&dir).is_empty());
+    let dp = Dataplane::load_pinned(bigger, &dir).expect("loading with the new size");
+    assert!(dp.reused_maps().is_empty());
+    dp.detach_all().expect("detach_all");
+
+    // Pinning needs a bpffs.
+    let plain = std::env::temp_dir().join(format!("xlb-restart-plain-{}", std::process::id()));
+    match Dataplane::load_pinned(LIMITS, &plain) {
+        Err(err @ DataplaneError::NotBpffs { .. }) => {
+            assert!(err.to_string().contains("mount -t bpf"), "{err}")
+        }
+        Err(err) => panic!("{err}"),
+        Ok(_) => panic!("{} is no bpffs", plain.display()),
+    }
+    assert!(!plain.exists(), "the directory it created is removed again");
+}
+
+/// `ip -d link show dev DEV` in `host`.
+fn ip_link(host: &Host, dev: &str) -> String {
+    let out = host
+        .ip(["-d", "link", "show", "dev", dev])
+        .expect("ip link show");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn attached(host: &Host, dev: &str) -> Option<xlb::dataplane::XdpAttachment> {
+    let dev = dev.to_owned();
+    host.run_in(move || xdp_attachment(&dev))
+        .expect("entering the namespace")
+        .expect("asking rtnetlink")
+}
+
+fn load_and_attach(host: &Host, dir: &Path, dev: &str, mode: AttachMode) -> Dataplane {
+    host.run_in(|| {
+        let mut dp = Dataplane::load_pinned(LIMITS, dir).expect("loading pinned");
+        let got = dp.attach(Role::Balancer, dev, mode).expect("attaching");
+        assert_eq!(got, AttachMode::Native, "veth takes native XDP");
+        dp
+    })
+    .expect("entering the namespace")
+}
+
+#[test]
+fn the_program_stays_attached_and_is_replaced_through_its_link() {
+    if !privileged() {
+        return;
+    }
+    let bpffs = BpfFs::mount("link");
+    let dir = bpffs.pin_dir();
+    let topo = Topology::new("restart-link").expect("topology");
+    let node = topo.host("node").expect("host");
+    let peer = topo.host("peer").expect("host");
+    topo.link(&node, &peer, LinkOpts::new()).expect("veth");
+    let dev = "eth0";
+    assert_eq!(attached(&node, dev), None, "nothing attached yet");
+
+    let dp = load_and_attach(&node, &dir, dev, AttachMode::Native);
+    let links = pinned_links(&dir).expect("listing pinned links");
+    assert_eq!(links.len(), 1, "{links:?}");
+    let link = links[0].clone();
+    assert_eq!(link.interface, dev);
+    assert_eq!(link.role, Some(Role::Balancer));
+    let first_program = link.program_id;
+    assert_eq!(
+        attached(&node, dev).map(|a| (a.mode, a.program_id)),
+        Some((AttachMode::Native, first_program))
+    );
+    assert_eq!(
+        dp.attachments().collect::<Vec<_>>(),
+        vec![(Role::Balancer, dev, AttachMode::Native)]
+    );
+
+    drop(dp);
+    let shown = ip_link(&node, dev);
+    assert!(
+        shown.contains(&format!("prog/xdp id {first_program}")),
+        "still attached after the process let go:\n{shown}"
+    );
+    assert_eq!(
+        pinned_links(&dir).expect("pinned links"),
+        vec![link.clone()]
+    );
+
+    // The next process replaces the program through the same link.
+    let mut dp = load_and_attach(&node, &dir, dev, AttachMode::Native);
+    let links = pinned_links(&dir).expect("pinned links");
+    assert_eq!(links.len(), 1, "{links:?}");
+    assert_eq!(links[0].link_id, link.link_id, "the same link");
+    let second_program = links[0].program_id;
+    assert_ne!(second_program, first_program, "a new program in it");
+    assert_eq!(
+        attached(&node, dev).map(|a| (a.mode, a.program_id)),
+        Some((AttachMode::Native, second_program))
+    );
+    let shown = ip_link(&node, dev);
+    assert!(
+        shown.contains(&format!("prog/xdp id {second_program}")),
+        "{shown}"
+    );
+
+    // The link keeps its mode: asking another one changes nothing.
+    let got = node
+        .run_in(|| dp.attach(Role::Balancer, dev, AttachMode::Generic))
+        .expect("entering the namespace")
+        .expect("attaching again");
+    assert_eq!(got, AttachMode::Native);
+    assert_eq!(
+        pinned_links(&dir).expect("pinned links")[0].link_id,
+        link.link_id
+    );
+
+    let unpinned = dp.detach_all().expect("detach_all");
+    assert_eq!(unpinned.interfaces, vec![dev.to_owned()]);
+    assert_eq!(sorted(&unpinned.maps), sorted(&MAPS));
+    assert_eq!(attached(&node, dev), None, "the program is off");
+    let shown = ip_link(&node, dev);
+    assert!(!shown.contains("prog/xdp"), "{shown}");
+    assert!(entries(&dir).is_empty(), "left: {:?}", entries(&dir));
+
+    drop(topo);
+}
+
+/// The VIP of the live test, and what the balancer needs to send its
+/// packets back out to the sender, encapsulated.
+const LIVE_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 61, 10);
+const LIVE_PORT: u16 = 5000;
+const SENDER_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 60, 1);
+const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 60, 2);
+const LIVE_BACKEND: u32 = 1;
+const LIVE_BACKEND_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 62, 1);
+
+fn live_vip() -> (VipKey, VipInfo) {
+    let (family, addr) = addr_from_ip(LIVE_VIP.into());
+    (
+        VipKey {
+            addr,
+            port: LIVE_PORT.to_be(),
+            proto: PROTO_UDP,
+            family,
+        },
+        VipInfo {
+            id: 0,
+            ring_offset: 0,
+            ring_size: RING_SIZE,
+            flags: 0,
+            generation: 0,
+        },
+    )
+}
+
+/// Programs the node: every packet to the VIP goes to one backend whose
+/// next hop is the sender, out of the ingress interface (XDP_TX).
+fn program_node(dp: &mut Dataplane, node_if: (u32, [u8; 6]), sender_mac: [u8; 6]) {
+    let (_, src_v4) = addr_from_ip(NODE_ADDR.into());
+    dp.settings
+        .set(Settings {
+            hash_seed: HASH_SEED,
+            src_v4: src_v4[0],
+            ..Settings::default()
+        })
+        .expect("writing SETTINGS");
+    set_backend(dp, LIVE_BACKEND, LIVE_BACKEND_ADDR.into());
+    dp.nexthops
+        .set(
+            LIVE_BACKEND,
+            NextHop {
+                ifindex: node_if.0,
+                mtu: 1500,
+                dmac: sender_mac,
+                smac: node_if.1,
+                flags: NEXTHOP_F_VALID,
+            },
+        )
+        .expect("writing NEXTHOPS");
+    dp.rings
+        .write(0, &[LIVE_BACKEND; RING_SIZE as usize])
+        .expect("writing RINGS");
+    let (key, info) = live_vip();
+    dp.vips.insert(key, info).expect("writing VIPS");
+}
+
+/// Total of the verdict counters: one per packet the program saw.
+fn verdicts(snapshot: &Snapshot) -> BTreeMap<Counter, u64> {
+    snapshot
+        .global
+        .iter()
+        .filter(|(counter, value)| is_verdict(*counter) && *value != 0)
+        .copied()
+        .collect()
+}
+
+#[test]
+fn restarts_under_a_packet_stream_lose_no_packet() {
+    if !privileged() {
+        return;
+    }
+    const RESTARTS: usize = 5;
+    let bpffs = BpfFs::mount("live");
+    let dir = bpffs.pin_dir();
+    let topo = Topology::new("restart-live").expect("topology");
+    let sender = topo.host("sender").expect("host");
+    let node = topo.host("node").expect("host");
+    // Only the stream reaches the node: no IPv6 (router and multicast
+    // listener messages) and no ARP (static neighbours).
+    for host in [&sender, &node] {
+        host.sysctl("net.ipv6.conf.all.disable_ipv6", "1")
+            .expect("sysctl");
+        host.sysctl("net.ipv6.conf.default.disable_ipv6", "1")
+            .expect("sysctl");
+    }
+    let link = topo
+        .link(
+            &sender,
+            &node,
+            LinkOpts::new()
+                .addr_a(format!("{SENDER_ADDR}/24"))
+                .addr_b(format!("{NODE_ADDR}/24")),
+        )
+        .expect("veth");
+    let (sender_if, node_if) = (link.a, link.b);
+    let mac = |mac: [u8; 6]| {
+        mac.iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    sender
+        .ip([
+            "neigh",
+            "replace",
+            &NODE_ADDR.to_string(),
+            "lladdr",
+            &mac(node_if.mac),
+            "dev",
+            &sender_if.name,
+            "nud",
+            "permanent",
+        ])
+        .expect("static neighbour");
+    sender
+        .add_route(&format!("{LIVE_VIP}/32"), &[NODE_ADDR.into()])
+        .expect("route to the VIP");
+
+    // The sender's interface needs an XDP program to take XDP_TX frames in;
+    // the decap program counts them (none is a tunnel packet for it).
+    let receiver = sender
+        .run_in(|| {
+            let mut dp = Dataplane::load(LIMITS).expect("loading the receiver's program");
+            dp.attach(Role::Decap, &sender_if.name, AttachMode::Native)
+                .expect("attaching the receiver's program");
+            dp
+        })
+        .expect("entering the sender");
+
+    let node_dev = node_if.name.clone();
+    let mut dp = node
+        .run_in(|| {
+            let mut dp = Dataplane::load_pinned(LIMITS, &dir).expect("loading pinned");
+            program_node(&mut dp, (node_if.ifindex, node_if.mac), sender_if.mac);
+            dp.attach(Role::Balancer, &node_dev, AttachMode::Native)
+                .expect("attaching");
+            dp
+        })
+        .expect("entering the node");
+    let link_id = pinned_links(&dir).expect("pinned links")[0].link_id;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = {
+        let stop = Arc::clone(&stop);
+        let sender = sender.clone();
+        thread::spawn(move || {
+            sender
+                .run_in(|| {
+                    let socket = UdpSocket::bind((SENDER_ADDR, 0)).expect("binding");
+                    let to = SocketAddr::from((LIVE_VIP, LIVE_PORT));
+                    let (mut sent, mut failed) = (0u64, 0u64);
+                    while !stop.load(Ordering::Relaxed) {
+                        // Paced (about 50 kpps at most) so that the veth's
+                        // queue never overflows: a drop there would be
+                        // before any program.
+                        for _ in 0..8 {
+                            match socket.send_to(&sent.to_be_bytes(), to) {
+                                Ok(_) => sent += 1,
+                                Err(_) => failed += 1,
+                            }
+                        }
+                        thread::sleep(Duration::from_micros(100));
+                    }
+                    (sent, failed)
+                })
+                .expect("entering the sender")
+        })
+    };
+
+    thread::sleep(Duration::from_millis(200));
+    let mut pauses = Vec::new();
+    for _ in 0..RESTARTS {
+        let started = Instant::now();
+        drop(dp);
+        dp = load_and_attach(&node, &dir, &node_dev, AttachMode::Native);
+        pauses.push(started.elapsed());
+        assert_eq!(
+            pinned_links(&dir).expect("pinned links")[0].link_id,
+            link_id,
+            "replaced through the same link"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (sent, failed) = stream.join().expect("the sender");
+    // Let the last packets through the veths.
+    thread::sleep(Duration::from_millis(200));
+
+    let seen = verdicts(&snapshot(&dp));
+    let received = verdicts(&Snapshot::read(
+        &receiver.counters,
+        LIMITS.max_vips,
+        LIMITS.max_backends,
+    ));
+    eprintln!(
+        "{RESTARTS} restarts (drop, load, attach: {pauses:?}); sent {sent}, \
+         balancer verdicts {seen:?}, back at the sender {received:?}"
+    );
+    let stats = |host: &Host, dev: &str| {
+        String::from_utf8_lossy(
+            &host
+                .ip(["-s", "link", "show", "dev", dev])
+                .expect("ip -s link")
+                .stdout,
+        )
+        .into_owned()
+    };
+    assert_eq!(failed, 0, "every send succeeded");
+    assert!(sent > 10_000, "a stream worth the name: {sent}");
+    assert_eq!(
+        seen,
+        BTreeMap::from([(Counter::Tx, sent)]),
+        "every packet sent met the balancer, which sent it on; none passed unbalanced \
+         (pass_not_vip) or dropped\nsender:\n{}node:\n{}",
+        stats(&sender, &sender_if.name),
+        stats(&node, &node_if.name),
+    );
+    assert_eq!(dp.counters.vip(0).expect("VIP_STATS").packets, sent);
+    assert_eq!(
+        received.values().sum::<u64>(),
+        sent,
+        "every packet came back out, encapsulated: {received:?}"
+    );
+
+    let unpinned = dp.detach_all().expect("detach_all");
+    assert_eq!(unpinned.interfaces, vec![node_dev.clone()]);
+    assert_eq!(attached(&node, &node_dev), None);
+    assert!(entries(&dir).is_empty(), "left: {:?}", entries(&dir));
+    drop(receiver);
+    drop(topo);
+}
