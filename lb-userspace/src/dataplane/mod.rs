@@ -296,8 +296,9 @@ impl Dataplane {
     /// is first checked against this build and `limits` (map type, key and
     /// value sizes, entries); a mismatch is a
     /// [`DataplaneError::PinnedMapMismatch`] naming the map, e.g. "pinned map
-    /// RINGS has 1048576 entries, the configuration (ring_capacity) asks for
-    /// 2097152: run `xlb detach` ...". The one userspace mirror, the
+    /// RINGS (<pin_dir>/RINGS) has 1048576 entries, the configuration
+    /// (ring_capacity) asks for 2097152 entries: run `xlb detach` ...". The
+    /// one userspace mirror, the
     /// [`VipTable`]'s, is then rebuilt from the maps: see
     /// [`VipTable::restore`] for exactly what is read back.
     ///
