@@ -3,6 +3,7 @@
 
 pub mod dataplane;
 pub mod demo;
+pub mod maglev;
 pub mod policy;
 pub mod state;
 pub mod topology;
