@@ -7,6 +7,7 @@
 
 mod dataplane;
 mod machine;
+mod maglev;
 
 use std::process::ExitCode;
 
@@ -24,12 +25,17 @@ enum Bench {
     /// Per-packet cost of the XDP balancer through BPF_PROG_TEST_RUN, as
     /// ratios to two floor programs measured in the same run.
     Dataplane(dataplane::Args),
+    /// Maglev ring build time (M = 65537 and 655373, N = 10, 100, 1000) as
+    /// ratios to the Maglev paper's, and the slots moved when a backend
+    /// leaves.
+    Maglev(maglev::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.bench {
         Bench::Dataplane(args) => dataplane::run(&args),
+        Bench::Maglev(args) => maglev::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
