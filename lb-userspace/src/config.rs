@@ -45,7 +45,7 @@
 //! | field | default | meaning |
 //! | --- | --- | --- |
 //! | `max_vips` | 512 | VIPs at most |
-//! | `max_backends` | 4096 | distinct backend addresses at most (a backend address used by several VIPs counts once) |
+//! | `max_backends` | 4096 | backends at most, counted per VIP (a backend address in two VIPs counts twice: each has its own counters and state); at most 65536 |
 //! | `ring_capacity` | 512 × 65537 | Maglev ring slots of all VIPs together: the sum of the VIPs' `ring_size` must fit |
 //! | `conntrack_size` | 2²¹ | connection-table flows, split between CPUs |
 //!
@@ -1266,7 +1266,7 @@ fn problems(node: &NodeConfig, state: &DesiredState) -> Vec<Problem> {
     let mut push = |path: String, message: String| found.push(Problem { path, message });
     let limits = node.limits;
     let mut vip_keys: HashMap<(IpAddr, u16, Proto), &str> = HashMap::new();
-    let mut all_backends: HashSet<IpAddr> = HashSet::new();
+    let mut backends_seen: u64 = 0;
     let mut ring_slots: u64 = 0;
     let (mut need_v4, mut need_v6) = (node.source_v4.is_none(), node.source_v6.is_none());
 
@@ -1388,14 +1388,13 @@ fn problems(node: &NodeConfig, state: &DesiredState) -> Vec<Problem> {
                         ),
                     );
                 }
-                if all_backends.insert(backend.addr)
-                    && all_backends.len() as u64 == u64::from(limits.max_backends) + 1
-                {
+                backends_seen += 1;
+                if backends_seen == u64::from(limits.max_backends) + 1 {
                     push(
                         apath.clone(),
                         format!(
-                            "one backend address more than node.limits.max_backends = {} allows; \
-                             raise the limit or remove backends",
+                            "one backend more than node.limits.max_backends = {} allows (backends \
+                             count per VIP); raise the limit or remove backends",
                             limits.max_backends
                         ),
                     );

@@ -6,5 +6,6 @@ pub mod dataplane;
 pub mod demo;
 pub mod maglev;
 pub mod policy;
+pub mod reconcile;
 pub mod state;
 pub mod topology;
