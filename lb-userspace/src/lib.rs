@@ -1,6 +1,7 @@
 //! xlb's controller as a library: the binary, the tests and the benchmarks
 //! all drive the data plane through these modules.
 
+pub mod api;
 pub mod config;
 pub mod dataplane;
 pub mod demo;
