@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod config;
+pub mod daemon;
 pub mod dataplane;
 pub mod demo;
 pub mod maglev;
