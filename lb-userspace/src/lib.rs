@@ -2,6 +2,7 @@
 //! all drive the data plane through these modules.
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
