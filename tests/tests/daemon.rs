@@ -1,0 +1,1461 @@
+//! The daemon and its command line, end to end: the real `xlb run` in a
+//! network namespace, changed through the real `xlb` command line, checked
+//! in the kernel's maps.
+//!
+//! - [`cli_changes_reach_the_kernel_rings`]: every runtime change (VIPs,
+//!   clusters, backends, drain, weights) leaves in the pinned `VIPS`,
+//!   `RINGS` and `BACKENDS` maps exactly the rings that
+//!   [`Reconciler::plan`] computes here for the same desired state, and
+//!   every invalid request is refused with a one-line reason and changes
+//!   neither the maps nor the state file. `xlb detach` then takes all down.
+//! - [`restarts_under_a_packet_stream_lose_no_packet`]: UDP flows from a
+//!   client run through the node's balancer to two backends while the
+//!   daemon is stopped (SIGTERM) and started again, several times: every
+//!   packet sent is balanced and arrives, and no flow ever misses the
+//!   connection table after its first packet.
+//! - [`runtime_changes_survive_a_restart`]: the state file carries runtime
+//!   changes over a restart, and the config file's VIPs no longer apply.
+//!
+//! Each test builds its own site (a fabric bridge with the client, the xlb
+//! node and the backends, on 198.18.0.0/15 only), its own scratch directory
+//! (config, state file, control socket) and its own bpffs mount for the
+//! pins. Everything is removed on every way out, and each test checks that
+//! no namespace, mount or daemon process is left.
+//!
+//! The binary is `xlb-for-tests`: this package's copy of `xlb`, which is
+//! nothing but `xlb::cli::main` (cargo builds it before these tests).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ffi::CString,
+    fs,
+    io::{self, BufRead, BufReader, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
+    os::unix::{ffi::OsStrExt as _, net::UnixStream},
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Output, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use lb_common::{
+    Backend as BackendEntry, Counter, VipInfo, VipKey, addr_from_ip, ip_from_addr, map_names,
+};
+use xlb::{
+    api::{Admin, Client, Request, Response, Status},
+    config::{self, NodeConfig},
+    dataplane::{AttachMode, Dataplane, Limits, Role},
+    reconcile::{NodeOptions, Plan, Reconciler},
+    state::{AdminState, Affinity, Backend, Cluster, DesiredState, Proto, Vip},
+    topology::{Host, LinkOpts, Topology},
+};
+use xlb_tests::{is_verdict, privileged};
+
+const XLB: &str = env!("CARGO_BIN_EXE_xlb-for-tests");
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+const NODE_V6: &str = "fd00::3";
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
+/// Room for the outer header on the encapsulating hops.
+const MTU: u32 = 1600;
+const LIMITS: Limits = Limits {
+    max_vips: 8,
+    max_backends: 64,
+    ring_capacity: 3 * 65537,
+    conntrack_size: 4096,
+};
+/// A host that only decapsulates: tiny balancer maps.
+const DECAP_LIMITS: Limits = Limits {
+    max_vips: 1,
+    max_backends: 1,
+    ring_capacity: 1,
+    conntrack_size: 256,
+};
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("an address")
+}
+
+// ---------------------------------------------------------------------------
+// Scratch directory and bpffs: removed on drop, also while unwinding.
+
+struct Scratch {
+    dir: PathBuf,
+}
+
+impl Scratch {
+    fn new(test: &str) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "xlb-daemon-{}-{}-{test}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("creating the scratch directory");
+        Self { dir }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Err(err) = fs::remove_dir_all(&self.dir) {
+            eprintln!("removing {}: {err}", self.dir.display());
+        }
+    }
+}
+
+/// A private bpffs for the test's pins.
+struct BpfFs {
+    mount: PathBuf,
+}
+
+impl BpfFs {
+    fn mount(at: PathBuf) -> Self {
+        fs::create_dir_all(&at).expect("creating the bpffs mount point");
+        let target = CString::new(at.as_os_str().as_bytes()).expect("mount point path");
+        // SAFETY: NUL-terminated strings that outlive the call; bpffs takes
+        // no data.
+        let rc = unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                target.as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "mount -t bpf bpf {}: {}",
+            at.display(),
+            io::Error::last_os_error()
+        );
+        Self { mount: at }
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let target = CString::new(self.mount.as_os_str().as_bytes()).expect("mount point path");
+        // SAFETY: a NUL-terminated path that outlives the call. Lazily, so
+        // that a descriptor still open does not keep it mounted.
+        if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
+            eprintln!(
+                "umount {}: {}",
+                self.mount.display(),
+                io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+fn mounted(path: &Path) -> bool {
+    fs::read_to_string("/proc/self/mounts")
+        .expect("reading /proc/self/mounts")
+        .lines()
+        .any(|line| line.split(' ').nth(1) == Some(path.to_str().expect("utf-8 path")))
+}
+
+fn process_alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+}
+
+// ---------------------------------------------------------------------------
+// The site.
+
+/// One backend host: the decap program on its interface counts what the
+/// node sent it.
+struct SiteBackend {
+    decap: Dataplane,
+    _host: Host,
+}
+
+/// Fields drop in order: the daemon first, the programs next, the
+/// namespaces, the mount, the files last.
+struct Site {
+    daemon: Option<Daemon>,
+    backends: Vec<SiteBackend>,
+    _fabric_pass: Dataplane,
+    client: Host,
+    node: Host,
+    topology: Topology,
+    bpffs: BpfFs,
+    scratch: Scratch,
+    config: PathBuf,
+    socket: PathBuf,
+    state_file: PathBuf,
+    pin_dir: PathBuf,
+    starts: u32,
+}
+
+struct SiteOptions<'a> {
+    tag: &'a str,
+    /// Backend hosts, at 198.18.0.11, .12, ...
+    backends: usize,
+    /// IPv6 on: the node gets fd00::3 and `source_v6`. Off: IPv6 is
+    /// disabled on every host, so that no router or listener message
+    /// reaches the balancer.
+    ipv6: bool,
+    /// A second interface on the node, `eth1` (its peer on the client has
+    /// no address), for `xlb attach`.
+    spare: bool,
+    /// `[vip...]` tables for the config file.
+    vips: &'a str,
+}
+
+impl Site {
+    fn build(opts: SiteOptions<'_>) -> Site {
+        let scratch = Scratch::new(opts.tag);
+        let bpffs = BpfFs::mount(scratch.dir.join("bpf"));
+        let topology = Topology::new(&format!("daemon-{}", opts.tag)).expect("topology");
+        let fabric = topology.bridge("fabric").expect("fabric");
+        let host = |name: &str| {
+            let host = topology.host(name).expect("host");
+            if !opts.ipv6 {
+                for key in [
+                    "net.ipv6.conf.all.disable_ipv6",
+                    "net.ipv6.conf.default.disable_ipv6",
+                ] {
+                    host.sysctl(key, "1").expect("disabling IPv6");
+                }
+            }
+            host
+        };
+        if !opts.ipv6 {
+            for key in [
+                "net.ipv6.conf.all.disable_ipv6",
+                "net.ipv6.conf.default.disable_ipv6",
+            ] {
+                fabric.host().sysctl(key, "1").expect("disabling IPv6");
+            }
+        }
+
+        let client = host("client");
+        let client_link = topology
+            .link(
+                &client,
+                &fabric,
+                LinkOpts::new().addr_a(format!("{CLIENT}/24")),
+            )
+            .expect("linking the client");
+        client
+            .add_route(&format!("{VIP}/32"), &[NODE.into()])
+            .expect("routing the VIP via the node");
+        client
+            .set_tx_checksum(&client_link.a.name, false)
+            .expect("tx checksum off");
+
+        let node = host("node");
+        let mut node_opts = LinkOpts::new()
+            .addr_a(format!("{NODE}/24"))
+            .mtu(MTU)
+            .names("eth0", "port-node");
+        if opts.ipv6 {
+            node_opts = node_opts.addr_a(format!("{NODE_V6}/64"));
+        }
+        topology
+            .link(&node, &fabric, node_opts)
+            .expect("linking the node");
+        for key in ["net.ipv4.ip_forward", "net.ipv4.conf.eth0.forwarding"] {
+            node.sysctl(key, "1").expect("forwarding on");
+        }
+        if opts.spare {
+            topology
+                .link(&node, &client, LinkOpts::new().names("eth1", "spare"))
+                .expect("linking the node's spare interface");
+        }
+        // The node's XDP_TX frames land on this port: a veth drops them
+        // unless its receiving end has an XDP program.
+        let fabric_pass = fabric
+            .host()
+            .run_in(|| {
+                let mut dp = Dataplane::load(DECAP_LIMITS).expect("loading the pass program");
+                dp.attach(Role::Decap, "port-node", AttachMode::Native)
+                    .expect("attaching the pass program");
+                dp
+            })
+            .expect("entering the fabric");
+
+        let backends = (0..opts.backends)
+            .map(|i| {
+                let addr = Ipv4Addr::new(198, 18, 0, 11 + i as u8);
+                let host = host(&format!("b{}", i + 1));
+                topology
+                    .link(
+                        &host,
+                        &fabric,
+                        LinkOpts::new().addr_a(format!("{addr}/24")).mtu(MTU),
+                    )
+                    .expect("linking a backend");
+                let dev = "eth0";
+                let decap = host
+                    .run_in(|| {
+                        let mut dp = Dataplane::load(DECAP_LIMITS).expect("loading decap");
+                        dp.decap.add(addr.into()).expect("tunnel endpoint");
+                        dp.attach(Role::Decap, dev, AttachMode::Native)
+                            .expect("attaching decap");
+                        dp
+                    })
+                    .expect("entering a backend");
+                SiteBackend { decap, _host: host }
+            })
+            .collect();
+
+        let dir = &scratch.dir;
+        let config = dir.join("xlb.toml");
+        let socket = dir.join("run/xlb.sock");
+        let state_file = dir.join("state/state.toml");
+        let pin_dir = bpffs.mount.join("xlb");
+        let source_v6 = if opts.ipv6 {
+            format!("source_v6 = \"{NODE_V6}\"\n")
+        } else {
+            String::new()
+        };
+        fs::write(
+            &config,
+            format!(
+                "[node]\n\
+                 interfaces = [\"eth0\"]\n\
+                 attach_mode = \"native\"\n\
+                 source_v4 = \"{NODE}\"\n\
+                 {source_v6}\
+                 api_socket = \"{}\"\n\
+                 state_file = \"{}\"\n\
+                 pin_path = \"{}\"\n\
+                 [node.limits]\n\
+                 max_vips = {}\n\
+                 max_backends = {}\n\
+                 ring_capacity = {}\n\
+                 conntrack_size = {}\n\n{}",
+                socket.display(),
+                state_file.display(),
+                pin_dir.display(),
+                LIMITS.max_vips,
+                LIMITS.max_backends,
+                LIMITS.ring_capacity,
+                LIMITS.conntrack_size,
+                opts.vips
+            ),
+        )
+        .expect("writing the config");
+
+        Site {
+            daemon: None,
+            backends,
+            _fabric_pass: fabric_pass,
+            client,
+            node,
+            topology,
+            bpffs,
+            scratch,
+            config,
+            socket,
+            state_file,
+            pin_dir,
+            starts: 0,
+        }
+    }
+
+    fn node_config(&self) -> NodeConfig {
+        config::load(&self.config).expect("the test's config").node
+    }
+
+    /// Starts `xlb run` in the node's namespace and waits until its control
+    /// API answers.
+    fn start(&mut self) {
+        assert!(self.daemon.is_none(), "a daemon is running already");
+        self.starts += 1;
+        let log = self.scratch.dir.join(format!("daemon-{}.log", self.starts));
+        let file = fs::File::create(&log).expect("creating the daemon log");
+        let mut command = self.node.command(XLB);
+        command
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file);
+        let process = self.node.spawn(&mut command).expect("starting xlb run");
+        let daemon = Daemon { process, log };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = daemon.process.try_wait().expect("polling the daemon") {
+                panic!("xlb run exited at start ({status}):\n{}", daemon.log());
+            }
+            let ready = Client::connect(&self.socket)
+                .and_then(|mut client| client.call(&Request::Status))
+                .is_ok();
+            if ready {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "xlb run did not answer within {START_TIMEOUT:?}:\n{}",
+                daemon.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        self.daemon = Some(daemon);
+    }
+
+    /// SIGTERM, and the exit status once it is gone.
+    fn stop(&mut self) -> (ExitStatus, String) {
+        let daemon = self.daemon.take().expect("a running daemon");
+        let pid = daemon.process.pid();
+        // SAFETY: plain kill(2) of the child this test started.
+        assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) }, 0);
+        daemon.wait()
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for k in 1..=self.starts {
+            let path = self.scratch.dir.join(format!("daemon-{k}.log"));
+            out.push_str(&format!("--- daemon run {k}:\n"));
+            out.push_str(&fs::read_to_string(path).unwrap_or_default());
+        }
+        out
+    }
+
+    /// Runs the command line against the daemon.
+    fn xlb(&self, args: &[&str]) -> Output {
+        Command::new(XLB)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running xlb")
+    }
+
+    /// A command that must succeed; its standard output.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.xlb(args);
+        assert!(
+            out.status.success(),
+            "xlb {}: {}\n{}\n{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+
+    /// A command that must be refused with one line of error naming
+    /// `fragment`, changing neither the kernel's maps nor the state file.
+    fn refused(&self, args: &[&str], fragment: &str) {
+        let kernel = read_kernel(&self.pin_dir);
+        let saved = fs::read(&self.state_file).ok();
+        let out = self.xlb(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "xlb {} was accepted:\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(
+            stderr.contains(fragment),
+            "xlb {}: expected {fragment:?} in:\n{stderr}",
+            args.join(" ")
+        );
+        // (clap adds a hint line to its usage errors)
+        let lines = stderr
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
+            .count();
+        assert_eq!(lines, 1, "one line of error, not:\n{stderr}");
+        assert!(
+            kernel == read_kernel(&self.pin_dir),
+            "xlb {}: the maps changed",
+            args.join(" ")
+        );
+        assert_eq!(
+            saved,
+            fs::read(&self.state_file).ok(),
+            "xlb {}: the state file changed",
+            args.join(" ")
+        );
+    }
+
+    fn call(&self, request: &Request) -> Response {
+        Client::connect(&self.socket)
+            .and_then(|mut client| client.call(request))
+            .unwrap_or_else(|err| panic!("{request:?}: {err}\n{}", self.logs()))
+    }
+
+    fn status(&self) -> Status {
+        match self.call(&Request::Status) {
+            Response::Status { status } => *status,
+            other => panic!("status answered {other:?}"),
+        }
+    }
+
+    /// The XDP mode `dev` of the node runs a program in, as `ip link`
+    /// says (`xdp` native, `xdpgeneric`), if any.
+    fn xdp_on(&self, dev: &str) -> Option<String> {
+        let out = self
+            .node
+            .ip(["-d", "link", "show", "dev", dev])
+            .expect("ip link show");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.split_whitespace()
+            .find(|word| word.starts_with("xdp"))
+            .map(str::to_owned)
+    }
+
+    fn attached_xdp(&self) -> bool {
+        self.xdp_on("eth0").is_some()
+    }
+
+    /// Tears down and checks that nothing is left.
+    fn close(mut self) {
+        let pid = self.daemon.as_ref().map(|d| d.process.pid());
+        if self.daemon.is_some() {
+            let (status, log) = self.stop();
+            assert!(status.success(), "xlb run exited with {status}:\n{log}");
+        }
+        let prefix = self.topology.prefix().to_owned();
+        let mount = self.bpffs.mount.clone();
+        let dir = self.scratch.dir.clone();
+        drop(self);
+        assert_eq!(
+            Topology::leftovers(&prefix).expect("listing namespaces"),
+            Vec::<String>::new()
+        );
+        assert!(!mounted(&mount), "{} is still mounted", mount.display());
+        assert!(!dir.exists(), "{} is still there", dir.display());
+        if let Some(pid) = pid {
+            assert!(!process_alive(pid), "the daemon {pid} still runs");
+        }
+    }
+}
+
+struct Daemon {
+    process: xlb::topology::Spawned,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait(self) -> (ExitStatus, String) {
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if self
+                .process
+                .try_wait()
+                .expect("polling the daemon")
+                .is_some()
+            {
+                let log = self.log();
+                let status = self.process.wait_with_output().expect("reaping").status;
+                return (status, log);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "xlb run did not stop within {STOP_TIMEOUT:?}:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The kernel's view, read from the pins, and the plan's.
+
+/// VIPs and their rings as the kernel holds them, each ring slot as the
+/// backend id it names.
+#[derive(Clone, Debug, PartialEq)]
+struct Kernel {
+    vips: BTreeMap<VipKey, (VipInfo, Vec<u32>)>,
+    backends: BTreeMap<u32, BackendEntry>,
+}
+
+fn pinned(pin_dir: &Path, name: &str) -> MapData {
+    MapData::from_pin(pin_dir.join(name))
+        .unwrap_or_else(|err| panic!("opening the pinned {name}: {err}"))
+}
+
+fn read_kernel(pin_dir: &Path) -> Kernel {
+    let vips: HashMap<MapData, VipKey, VipInfo> =
+        HashMap::try_from(Map::HashMap(pinned(pin_dir, map_names::VIPS))).expect("VIPS");
+    let rings: Array<MapData, u32> =
+        Array::try_from(Map::Array(pinned(pin_dir, map_names::RINGS))).expect("RINGS");
+    let backend_map: Array<MapData, BackendEntry> =
+        Array::try_from(Map::Array(pinned(pin_dir, map_names::BACKENDS))).expect("BACKENDS");
+    let mut kernel = Kernel {
+        vips: BTreeMap::new(),
+        backends: BTreeMap::new(),
+    };
+    for entry in vips.iter() {
+        let (key, info) = entry.expect("reading VIPS");
+        let ring: Vec<u32> = (info.ring_offset..info.ring_offset + info.ring_size)
+            .map(|i| rings.get(&i, 0).expect("reading RINGS"))
+            .collect();
+        kernel.vips.insert(key, (info, ring));
+    }
+    // Every programmed backend, also those no ring names (drained).
+    for id in 0..backend_map.len() {
+        let entry = backend_map.get(&id, 0).expect("reading BACKENDS");
+        if entry.family != 0 {
+            kernel.backends.insert(id, entry);
+        }
+    }
+    kernel
+}
+
+fn global_counters(pin_dir: &Path) -> BTreeMap<Counter, u64> {
+    let counters: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(Map::PerCpuArray(pinned(pin_dir, map_names::COUNTERS)))
+            .expect("COUNTERS");
+    Counter::ALL
+        .iter()
+        .map(|c| {
+            let values = counters.get(&(*c as u32), 0).expect("reading COUNTERS");
+            (*c, values.iter().sum())
+        })
+        .collect()
+}
+
+fn vip_key(vip: &Vip) -> VipKey {
+    let (family, addr) = addr_from_ip(vip.addr);
+    VipKey {
+        addr,
+        port: vip.port.to_be(),
+        proto: vip.proto.number(),
+        family,
+    }
+}
+
+/// What the controller's own reconcile step makes of `state`: the Maglev
+/// rings of the Maglev module, over the policy's weights.
+fn plan(node: &NodeConfig, state: &DesiredState) -> Plan {
+    Reconciler::new(
+        NodeOptions {
+            hash_seed: node.hash_seed,
+            policy: node.policy.clone(),
+        },
+        node.limits.max_vips,
+        node.limits.max_backends,
+        node.limits.ring_capacity,
+    )
+    .plan(state, &BTreeMap::new())
+    .expect("planning the model state")
+}
+
+/// A ring as the backend addresses its slots name: what Maglev decides,
+/// whatever ids the two sides handed out.
+fn kernel_ring_addrs(kernel: &Kernel, ring: &[u32]) -> Vec<Option<IpAddr>> {
+    ring.iter()
+        .map(|id| {
+            let entry = kernel.backends.get(id)?;
+            ip_from_addr(entry.family, &entry.addr)
+        })
+        .collect()
+}
+
+/// The kernel holds exactly the VIPs of `state`, each with the ring the
+/// plan computes for it, slot for slot; and the state file says `state`.
+fn assert_kernel_matches(site: &Site, state: &DesiredState, what: &str) {
+    let node = site.node_config();
+    let plan = plan(&node, state);
+    let kernel = read_kernel(&site.pin_dir);
+    let planned_keys: BTreeSet<VipKey> = plan.vips.values().map(|v| v.key).collect();
+    let kernel_keys: BTreeSet<VipKey> = kernel.vips.keys().copied().collect();
+    assert_eq!(kernel_keys, planned_keys, "{what}: the kernel's VIPs");
+    for (name, planned) in &plan.vips {
+        let (info, ring) = &kernel.vips[&planned.key];
+        assert_eq!(
+            (info.ring_size, info.flags),
+            (planned.info.ring_size, planned.info.flags),
+            "{what}: VIP {name}'s entry"
+        );
+        let got = kernel_ring_addrs(&kernel, ring);
+        let want: Vec<Option<IpAddr>> = planned
+            .ring
+            .iter()
+            .map(|id| plan.backends.get(id).map(|b| b.addr))
+            .collect();
+        if let Some(slot) = (0..want.len().max(got.len())).find(|i| got.get(*i) != want.get(*i)) {
+            panic!(
+                "{what}: VIP {name}'s ring differs from Maglev's at slot {slot} of {}: \
+                 kernel {:?}, plan {:?}",
+                want.len(),
+                got.get(slot),
+                want.get(slot)
+            );
+        }
+    }
+    let saved = config::load_state(&site.state_file, &node).expect("reading the state file");
+    assert_eq!(&saved, state, "{what}: the state file");
+}
+
+/// Slots per backend address in the kernel's ring of `vip`.
+fn kernel_slots(kernel: &Kernel, vip: &Vip) -> BTreeMap<IpAddr, u32> {
+    let mut slots = BTreeMap::new();
+    if let Some((_, ring)) = kernel.vips.get(&vip_key(vip)) {
+        for addr in kernel_ring_addrs(kernel, ring).into_iter().flatten() {
+            *slots.entry(addr).or_default() += 1;
+        }
+    }
+    slots
+}
+
+fn backend_of<'a>(
+    state: &'a mut DesiredState,
+    vip: &str,
+    cluster: &str,
+    name: &str,
+) -> &'a mut Backend {
+    state
+        .vips
+        .get_mut(vip)
+        .and_then(|v| v.clusters.get_mut(cluster))
+        .and_then(|c| c.backends.get_mut(name))
+        .expect("a backend of the model")
+}
+
+fn add_backend(
+    state: &mut DesiredState,
+    vip: &str,
+    cluster: &str,
+    name: &str,
+    addr: &str,
+    weight: u32,
+) {
+    state
+        .vips
+        .get_mut(vip)
+        .and_then(|v| v.clusters.get_mut(cluster))
+        .expect("a cluster of the model")
+        .backends
+        .insert(name.into(), Backend::new(name, ip(addr), weight));
+}
+
+/// One change through the command line, made to the model too; then the
+/// kernel must hold the model's rings.
+fn step(
+    site: &Site,
+    model: &mut DesiredState,
+    args: &[&str],
+    change: impl FnOnce(&mut DesiredState),
+) -> String {
+    let said = site.ok(args);
+    change(model);
+    assert_kernel_matches(site, model, &args.join(" "));
+    said
+}
+
+// ---------------------------------------------------------------------------
+// (a) Changes through the command line, checked in the kernel.
+
+#[test]
+fn cli_changes_reach_the_kernel_rings() {
+    if !privileged() {
+        return;
+    }
+    let mut site = Site::build(SiteOptions {
+        tag: "cli",
+        backends: 0,
+        ipv6: true,
+        spare: true,
+        vips: "",
+    });
+    site.start();
+    let status = site.status();
+    assert_eq!(status.attachments.len(), 1, "{status:?}");
+    assert_eq!(status.attachments[0].interface, "eth0");
+    assert_eq!(status.attachments[0].mode.to_string(), "native");
+    assert!(site.attached_xdp(), "the balancer is on eth0");
+    assert!(status.vips.is_empty());
+    assert_eq!(
+        fs::metadata(&site.socket)
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+            .ok(),
+        Some(0o600),
+        "the control socket is root only"
+    );
+
+    // A second interface, at run time, in the mode asked; then off again.
+    let said = site.ok(&["attach", "eth1", "--mode", "generic"]);
+    assert_eq!(said, "balancer attached to eth1: generic XDP\n");
+    assert_eq!(site.xdp_on("eth1").as_deref(), Some("xdpgeneric"));
+    let modes: Vec<(String, String)> = site
+        .status()
+        .attachments
+        .iter()
+        .map(|a| (a.interface.clone(), a.mode.to_string()))
+        .collect();
+    assert_eq!(
+        modes,
+        [
+            ("eth0".into(), "native".into()),
+            ("eth1".into(), "generic".into())
+        ]
+    );
+    site.refused(
+        &["attach", "eth1"],
+        "already attached to eth1 (generic XDP)",
+    );
+    site.refused(&["attach", "nope0"], "no interface named \"nope0\"");
+    site.ok(&["detach", "eth1"]);
+    assert_eq!(site.xdp_on("eth1"), None);
+    assert_eq!(site.status().attachments.len(), 1);
+    site.refused(&["detach", "eth1"], "not attached to eth1");
+
+    let mut model = DesiredState::default();
+
+    let said = step(
+        &site,
+        &mut model,
+        &["vip", "add", "web", "198.18.100.1:80", "--proto", "udp"],
+        |m| {
+            m.vips.insert(
+                "web".into(),
+                Vip::new("web", ip("198.18.100.1"), 80, Proto::Udp),
+            );
+        },
+    );
+    assert!(
+        said.starts_with("VIP web added (198.18.100.1:80/udp)\nreconciled: "),
+        "{said}"
+    );
+    for (args, cluster, weight, priority) in [
+        (
+            &["cluster", "add", "web", "east", "--weight", "2"][..],
+            "east",
+            2,
+            0,
+        ),
+        (&["cluster", "add", "web", "west"][..], "west", 1, 0),
+        (
+            &["cluster", "add", "web", "standby", "--priority", "1"][..],
+            "standby",
+            1,
+            1,
+        ),
+    ] {
+        step(&site, &mut model, args, |m| {
+            m.vips
+                .get_mut("web")
+                .unwrap()
+                .clusters
+                .insert(cluster.into(), Cluster::new(cluster, weight, priority));
+        });
+    }
+    for (cluster, name, addr, weight) in [
+        ("east", "e1", "198.18.0.11", 1),
+        ("east", "e2", "198.18.0.12", 1),
+        ("west", "w1", "198.18.0.21", 3),
+        ("west", "w2", "198.18.0.22", 1),
+        ("standby", "s1", "198.18.0.31", 1),
+    ] {
+        let weight_arg = weight.to_string();
+        let mut args = vec!["backend", "add", "web", cluster, name, addr];
+        if weight != 1 {
+            args.extend(["--weight", &weight_arg]);
+        }
+        step(&site, &mut model, &args, |m| {
+            add_backend(m, "web", cluster, name, addr, weight)
+        });
+    }
+    let kernel = read_kernel(&site.pin_dir);
+    let web = model.vips["web"].clone();
+    let slots = kernel_slots(&kernel, &web);
+    assert!(
+        !slots.contains_key(&ip("198.18.0.31")),
+        "the standby level takes nothing while the primary is whole: {slots:?}"
+    );
+
+    step(
+        &site,
+        &mut model,
+        &["backend", "drain", "web", "east", "e1"],
+        |m| {
+            backend_of(m, "web", "east", "e1").admin = AdminState::Drained;
+        },
+    );
+    let drained = kernel_slots(&read_kernel(&site.pin_dir), &web);
+    assert!(
+        !drained.contains_key(&ip("198.18.0.11")),
+        "a drained backend owns no slot"
+    );
+    step(
+        &site,
+        &mut model,
+        &["backend", "weight", "web", "west", "w1", "1"],
+        |m| {
+            backend_of(m, "web", "west", "w1").weight = 1;
+        },
+    );
+    step(
+        &site,
+        &mut model,
+        &["cluster", "weight", "web", "west", "3"],
+        |m| {
+            m.vips
+                .get_mut("web")
+                .unwrap()
+                .clusters
+                .get_mut("west")
+                .unwrap()
+                .weight = 3;
+        },
+    );
+    step(
+        &site,
+        &mut model,
+        &["backend", "undrain", "web", "east", "e1"],
+        |m| {
+            backend_of(m, "web", "east", "e1").admin = AdminState::Enabled;
+        },
+    );
+    step(
+        &site,
+        &mut model,
+        &["cluster", "priority", "web", "standby", "0"],
+        |m| {
+            m.vips
+                .get_mut("web")
+                .unwrap()
+                .clusters
+                .get_mut("standby")
+                .unwrap()
+                .priority = 0;
+        },
+    );
+    step(
+        &site,
+        &mut model,
+        &["backend", "del", "web", "west", "w2"],
+        |m| {
+            m.vips
+                .get_mut("web")
+                .unwrap()
+                .clusters
+                .get_mut("west")
+                .unwrap()
+                .backends
+                .remove("w2");
+        },
+    );
+
+    // An IPv6 VIP with client affinity and a ring of its own size, IPv6
+    // and IPv4 backends.
+    step(
+        &site,
+        &mut model,
+        &[
+            "vip",
+            "add",
+            "dns",
+            "[fd00:100::53]:53",
+            "--proto",
+            "udp",
+            "--ring-size",
+            "1009",
+            "--affinity",
+            "client",
+        ],
+        |m| {
+            let mut vip = Vip::new("dns", ip("fd00:100::53"), 53, Proto::Udp);
+            vip.ring_size = 1009;
+            vip.affinity = Affinity::Client;
+            m.vips.insert("dns".into(), vip);
+        },
+    );
+    step(&site, &mut model, &["cluster", "add", "dns", "east"], |m| {
+        m.vips
+            .get_mut("dns")
+            .unwrap()
+            .clusters
+            .insert("east".into(), Cluster::new("east", 1, 0));
+    });
+    for (name, addr) in [
+        ("d1", "fd00::53:1"),
+        ("d2", "fd00::53:2"),
+        ("d3", "198.18.0.53"),
+    ] {
+        step(
+            &site,
+            &mut model,
+            &["backend", "add", "dns", "east", name, addr],
+            |m| add_backend(m, "dns", "east", name, addr, 1),
+        );
+    }
+
+    // Refused, with the field or the name, and nothing changed.
+    site.refused(
+        &[
+            "vip",
+            "add",
+            "odd",
+            "198.18.100.9:80",
+            "--ring-size",
+            "65536",
+        ],
+        "error: vip.\"odd\".ring_size: 65536 is not prime",
+    );
+    site.refused(
+        &["backend", "add", "nope", "east", "x1", "198.18.0.99"],
+        "error: no VIP named \"nope\" (VIPs: dns, web)",
+    );
+    site.refused(
+        &["cluster", "weight", "web", "south", "2"],
+        "error: VIP \"web\" has no cluster \"south\" (clusters: east, standby, west)",
+    );
+    site.refused(
+        &["backend", "add", "web", "east", "e3", "198.18.0.21"],
+        "198.18.0.21 is already the address of",
+    );
+    site.refused(
+        &["backend", "add", "web", "east", "e3", "198.18.100.1"],
+        "the VIP's own address",
+    );
+    site.refused(
+        &["vip", "add", "web2", "198.18.100.1:80", "--proto", "udp"],
+        "vip.\"web2\".addr",
+    );
+    // An address that is not one is stopped by the parser...
+    site.refused(
+        &["backend", "add", "web", "east", "e3", "198.18.0.300"],
+        "invalid IP address",
+    );
+    // ...and by the API, for clients that skip it.
+    let kernel = read_kernel(&site.pin_dir);
+    let mut raw = UnixStream::connect(&site.socket).expect("connecting");
+    raw.write_all(
+        b"{\"request\":\"backend_add\",\"vip\":\"web\",\"cluster\":\"east\",\"name\":\"e3\",\"addr\":\"198.18.0.300\"}\n",
+    )
+    .expect("writing");
+    let mut answer = String::new();
+    BufReader::new(&raw)
+        .read_line(&mut answer)
+        .expect("reading");
+    assert!(
+        answer.starts_with(
+            "{\"response\":\"error\",\"message\":\"invalid request: invalid IP address"
+        ),
+        "{answer}"
+    );
+    assert!(kernel == read_kernel(&site.pin_dir));
+
+    // What status and the lists say is what the kernel holds.
+    let kernel = read_kernel(&site.pin_dir);
+    let status = site.status();
+    assert_eq!(
+        status
+            .vips
+            .iter()
+            .map(|v| v.name.as_str())
+            .collect::<Vec<_>>(),
+        ["dns", "web"]
+    );
+    for view in &status.vips {
+        let vip = &model.vips[&view.name];
+        let slots = kernel_slots(&kernel, vip);
+        assert_eq!(view.mode, "normal", "{}", view.name);
+        for b in &view.backends {
+            assert_eq!(
+                b.slots,
+                slots.get(&b.addr).copied().unwrap_or(0),
+                "status: slots of {}/{}",
+                view.name,
+                b.name
+            );
+            assert_eq!(b.admin, Admin::Enabled);
+        }
+        assert_eq!(
+            view.backends.iter().map(|b| b.slots).sum::<u32>(),
+            vip.ring_size,
+            "every slot of {} is owned",
+            view.name
+        );
+    }
+    let listed = site.ok(&["backend", "list", "web"]);
+    let header = listed.lines().next().unwrap_or_default();
+    assert!(
+        header.starts_with("VIP  CLUSTER  BACKEND  ADDRESS"),
+        "{listed}"
+    );
+    assert_eq!(listed.lines().count(), 1 + 4, "{listed}");
+    let json = site.ok(&["backend", "list", "dns", "--json"]);
+    assert!(
+        json.trim_start().starts_with('[') && json.contains("\"addr\": \"fd00::53:1\""),
+        "{json}"
+    );
+
+    step(&site, &mut model, &["vip", "del", "dns"], |m| {
+        m.vips.remove("dns");
+    });
+
+    // Off every interface, pins removed, the daemon stops by itself.
+    let said = site.ok(&["detach"]);
+    assert!(said.contains("detached from eth0"), "{said}");
+    let (exit, log) = site.daemon.take().expect("the daemon").wait();
+    assert!(exit.success(), "xlb run after detach: {exit}\n{log}");
+    assert!(!site.attached_xdp(), "no program left on eth0");
+    let left: Vec<_> = fs::read_dir(&site.pin_dir)
+        .map(|dir| dir.map(|e| e.expect("entry").file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "pins left: {left:?}");
+    assert!(!site.socket.exists(), "the control socket is removed");
+    let out = site.xlb(&["status"]);
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim_end(),
+        format!(
+            "error: no xlb daemon at {}: start it with `xlb run --config ...`",
+            site.socket.display()
+        )
+    );
+    site.close();
+}
+
+// ---------------------------------------------------------------------------
+// (b) Restarts under a packet stream.
+
+const STREAM_VIPS: &str = "\
+[vip.stream]
+addr = \"198.18.100.1\"
+port = 7000
+proto = \"udp\"
+ring_size = 1009
+
+[vip.stream.cluster.east]
+backend.b1 = { addr = \"198.18.0.11\" }
+backend.b2 = { addr = \"198.18.0.12\" }
+";
+const STREAM_PORT: u16 = 7000;
+/// Flows of the stream: one client socket each.
+const FLOWS: usize = 16;
+
+fn decapsulated(site: &Site) -> Vec<u64> {
+    site.backends
+        .iter()
+        .map(|b| {
+            b.decap
+                .counters
+                .global(Counter::DecapOk)
+                .expect("decap counter")
+        })
+        .collect()
+}
+
+/// Verdicts of the node's balancer since `before`, those that moved.
+fn verdicts_since(
+    now: &BTreeMap<Counter, u64>,
+    before: &BTreeMap<Counter, u64>,
+) -> BTreeMap<Counter, u64> {
+    now.iter()
+        .filter(|(c, _)| is_verdict(**c))
+        .map(|(c, v)| (*c, v - before[c]))
+        .filter(|(_, moved)| *moved != 0)
+        .collect()
+}
+
+#[test]
+fn restarts_under_a_packet_stream_lose_no_packet() {
+    if !privileged() {
+        return;
+    }
+    const RESTARTS: usize = 3;
+    let mut site = Site::build(SiteOptions {
+        tag: "stream",
+        backends: 2,
+        ipv6: false,
+        spare: false,
+        vips: STREAM_VIPS,
+    });
+    site.start();
+
+    // Until the node has resolved both backends, packets may take the slow
+    // path or none: probe until every probe arrives.
+    let vip = SocketAddr::from((VIP, STREAM_PORT));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let before: u64 = decapsulated(&site).iter().sum();
+        site.client
+            .run_in(|| {
+                for _ in 0..32 {
+                    let socket = UdpSocket::bind((CLIENT, 0)).expect("binding");
+                    socket.send_to(b"probe", vip).expect("sending a probe");
+                }
+            })
+            .expect("entering the client");
+        thread::sleep(Duration::from_millis(50));
+        if decapsulated(&site).iter().sum::<u64>() - before == 32 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "probes do not get through:\n{}",
+            site.logs()
+        );
+    }
+
+    let counters_before = global_counters(&site.pin_dir);
+    let arrived_before = decapsulated(&site);
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = {
+        let stop = Arc::clone(&stop);
+        let client = site.client.clone();
+        thread::spawn(move || {
+            client
+                .run_in(|| {
+                    let sockets: Vec<UdpSocket> = (0..FLOWS)
+                        .map(|_| UdpSocket::bind((CLIENT, 0)).expect("binding"))
+                        .collect();
+                    let (mut sent, mut failed) = (0u64, 0u64);
+                    while !stop.load(Ordering::Relaxed) {
+                        // Paced, so that no queue before the balancer
+                        // overflows: a drop there would not be the
+                        // balancer's.
+                        for socket in &sockets {
+                            match socket.send_to(&sent.to_be_bytes(), vip) {
+                                Ok(_) => sent += 1,
+                                Err(_) => failed += 1,
+                            }
+                        }
+                        thread::sleep(Duration::from_micros(300));
+                    }
+                    (sent, failed)
+                })
+                .expect("entering the client")
+        })
+    };
+
+    thread::sleep(Duration::from_millis(300));
+    let mut downtimes = Vec::new();
+    for _ in 0..RESTARTS {
+        let started = Instant::now();
+        let (exit, log) = site.stop();
+        assert!(exit.success(), "xlb run on SIGTERM: {exit}\n{log}");
+        assert!(log.contains("SIGTERM"), "{log}");
+        assert!(
+            site.attached_xdp(),
+            "the balancer stays attached while no daemon runs"
+        );
+        thread::sleep(Duration::from_millis(200));
+        site.start();
+        downtimes.push(started.elapsed());
+        thread::sleep(Duration::from_millis(300));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (sent, failed) = stream.join().expect("the stream");
+    thread::sleep(Duration::from_millis(300));
+
+    let counters = global_counters(&site.pin_dir);
+    let verdicts = verdicts_since(&counters, &counters_before);
+    let arrived: Vec<u64> = decapsulated(&site)
+        .iter()
+        .zip(&arrived_before)
+        .map(|(now, then)| now - then)
+        .collect();
+    let misses = counters[&Counter::ConnMiss] - counters_before[&Counter::ConnMiss];
+    let fib = counters[&Counter::FibLookup] - counters_before[&Counter::FibLookup];
+    eprintln!(
+        "{RESTARTS} restarts (stop to answering again: {downtimes:?}); sent {sent} in {FLOWS} flows; \
+         verdicts {verdicts:?}; arrived per backend {arrived:?}; connection-table misses {misses}; \
+         FIB lookups {fib}"
+    );
+    assert_eq!(failed, 0, "every send succeeded");
+    assert!(sent > 5_000, "a stream worth the name: {sent}");
+    let mut balanced = verdicts.clone();
+    // ARP (the node resolving its backends) passes as not IP; nothing else
+    // may have passed or dropped.
+    balanced.remove(&Counter::PassNotIp);
+    assert_eq!(
+        balanced,
+        BTreeMap::from([(Counter::Tx, sent)]),
+        "every packet met the balancer and was sent on: none passed unbalanced or dropped\n{}",
+        site.logs()
+    );
+    assert_eq!(
+        arrived.iter().sum::<u64>(),
+        sent,
+        "every packet arrived: {arrived:?}"
+    );
+    assert!(
+        arrived.iter().all(|n| *n > 0),
+        "both backends took flows: {arrived:?}"
+    );
+    assert_eq!(
+        misses, FLOWS as u64,
+        "each flow took the ring once; after that the connection table knew it, restarts or not"
+    );
+    assert_eq!(
+        fib, 0,
+        "every packet found its next hop as the daemon's resolver wrote it, across restarts"
+    );
+    site.close();
+}
+
+// ---------------------------------------------------------------------------
+// (c) Runtime changes survive a restart.
+
+const CONFIG_VIPS: &str = "\
+[vip.web]
+addr = \"198.18.100.1\"
+port = 80
+
+[vip.web.cluster.east]
+backend.e1 = { addr = \"198.18.0.11\" }
+backend.e2 = { addr = \"198.18.0.12\" }
+";
+
+#[test]
+fn runtime_changes_survive_a_restart() {
+    if !privileged() {
+        return;
+    }
+    let mut site = Site::build(SiteOptions {
+        tag: "saved",
+        backends: 0,
+        ipv6: false,
+        spare: true,
+        vips: CONFIG_VIPS,
+    });
+    let from_config = config::load(&site.config).expect("config").state;
+    site.start();
+    assert!(!site.state_file.exists(), "nothing saved before a change");
+    let mut model = from_config.clone();
+    let web = model.vips.get_mut("web").unwrap();
+    web.clusters
+        .insert("west".into(), Cluster::new("west", 2, 0));
+    for args in [
+        &["cluster", "add", "web", "west", "--weight", "2"][..],
+        &["backend", "add", "web", "west", "w1", "198.18.0.21"],
+        &[
+            "backend",
+            "add",
+            "web",
+            "east",
+            "e3",
+            "198.18.0.13",
+            "--weight",
+            "2",
+        ],
+        &["backend", "drain", "web", "east", "e1"],
+        // Frees an id: ids no longer follow the order a fresh start
+        // would give them.
+        &["backend", "del", "web", "east", "e2"],
+        // Sorts before "web": a fresh start would give it VIP id 0.
+        &[
+            "vip",
+            "add",
+            "api",
+            "198.18.100.2:443",
+            "--ring-size",
+            "1009",
+        ],
+        &["cluster", "add", "api", "east"],
+        &["backend", "add", "api", "east", "a1", "198.18.0.41"],
+    ] {
+        site.ok(args);
+    }
+    add_backend(&mut model, "web", "west", "w1", "198.18.0.21", 1);
+    add_backend(&mut model, "web", "east", "e3", "198.18.0.13", 2);
+    backend_of(&mut model, "web", "east", "e1").admin = AdminState::Drained;
+    model
+        .vips
+        .get_mut("web")
+        .and_then(|v| v.clusters.get_mut("east"))
+        .unwrap()
+        .backends
+        .remove("e2");
+    let mut api = Vip::new("api", ip("198.18.100.2"), 443, Proto::Tcp);
+    api.ring_size = 1009;
+    api.clusters
+        .insert("east".into(), Cluster::new("east", 1, 0));
+    model.vips.insert("api".into(), api);
+    add_backend(&mut model, "api", "east", "a1", "198.18.0.41", 1);
+    assert_kernel_matches(&site, &model, "before the restart");
+    let kernel_before = read_kernel(&site.pin_dir);
+    site.ok(&["attach", "eth1", "--mode", "generic"]);
+
+    let (exit, log) = site.stop();
+    assert!(exit.success(), "{exit}\n{log}");
+    site.start();
+    assert_kernel_matches(&site, &model, "after the restart");
+    let kernel_after = read_kernel(&site.pin_dir);
+    assert!(
+        kernel_after == kernel_before,
+        "the restart kept the maps as they were: same VIP ids, ring places and backend ids \
+         (the drained backend's too, which its established flows use)\n{kernel_before:?}\n{kernel_after:?}"
+    );
+    let log = fs::read_to_string(site.scratch.dir.join("daemon-2.log")).expect("log");
+    assert!(
+        log.contains(&format!("desired state from {}", site.state_file.display())),
+        "{log}"
+    );
+    assert!(
+        log.contains(
+            "reconciled (start): 0 VIP(s) written, 0 removed; 0 backend(s) written, 0 removed; \
+             0 ring slot(s) written"
+        ),
+        "a restart with nothing changed writes nothing:\n{log}"
+    );
+    match site.call(&Request::BackendList {
+        vip: Some("web".into()),
+    }) {
+        Response::Backends { backends } => {
+            let e1 = backends.iter().find(|b| b.name == "e1").expect("e1");
+            assert_eq!(e1.admin, Admin::Drained);
+            assert_eq!(e1.slots, 0);
+            assert_eq!(backends.len(), 3);
+        }
+        other => panic!("{other:?}"),
+    }
+    // The interface attached at run time is taken over too, in its mode.
+    let modes: Vec<(String, String)> = site
+        .status()
+        .attachments
+        .iter()
+        .map(|a| (a.interface.clone(), a.mode.to_string()))
+        .collect();
+    assert_eq!(
+        modes,
+        [
+            ("eth0".into(), "native".into()),
+            ("eth1".into(), "generic".into())
+        ]
+    );
+    assert_eq!(site.xdp_on("eth1").as_deref(), Some("xdpgeneric"));
+
+    // With no daemon running, `xlb detach --config` takes all down.
+    let (exit, log) = site.stop();
+    assert!(exit.success(), "{exit}\n{log}");
+    assert!(
+        site.attached_xdp(),
+        "still attached after the daemon stopped"
+    );
+    let config = site.config.to_str().expect("utf-8 path").to_owned();
+    let said = site.ok(&["detach", "--config", &config]);
+    assert!(
+        said.starts_with("no xlb daemon was running; balancer detached from eth0, eth1; "),
+        "{said}"
+    );
+    assert_eq!((site.xdp_on("eth0"), site.xdp_on("eth1")), (None, None));
+    let left: Vec<_> = fs::read_dir(&site.pin_dir)
+        .expect("the pin directory")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert!(left.is_empty(), "pins left: {left:?}");
+    site.close();
+}
