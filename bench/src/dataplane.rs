@@ -25,7 +25,10 @@ use lb_common::{
     NextHop, PROTO_TCP, PROTO_UDP, Settings, VipFilter, VipInfo, VipKey, addr_from_ip,
 };
 use serde::Serialize;
-use xlb::dataplane::{Dataplane, FLOOR_OBJECT, Limits, Role};
+use xlb::{
+    dataplane::{Dataplane, FLOOR_OBJECT, Limits, Role},
+    maglev::{self, Member},
+};
 
 use crate::machine::{self, Machine};
 
@@ -336,7 +339,7 @@ fn program(dp: &mut Dataplane) -> Result<Vips> {
     for (id, (ip, port, proto, backend_ids)) in (0u32..).zip(vips) {
         let ring_offset = id * RING_SIZE;
         dp.rings
-            .write(ring_offset, &maglev_ring(backend_ids, RING_SIZE))?;
+            .write(ring_offset, &maglev_ring(backend_ids, RING_SIZE)?)?;
         let (family, addr) = addr_from_ip(ip);
         dp.vips.insert(
             VipKey {
@@ -368,44 +371,16 @@ fn program(dp: &mut Dataplane) -> Result<Vips> {
     })
 }
 
-/// A Maglev lookup table (Eisenbud et al., NSDI 2016) of `size` slots (a
-/// prime) over `backend_ids`, all of weight one.
-fn maglev_ring(backend_ids: &[u32], size: u32) -> Vec<u32> {
-    const EMPTY: u32 = u32::MAX;
-    let size = u64::from(size);
-    let mix = |mut x: u64| {
-        // splitmix64's finalizer.
-        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        x ^ (x >> 31)
-    };
-    let perms: Vec<(u64, u64)> = backend_ids
+/// The controller's Maglev ring of `size` slots over `backend_ids`, all of
+/// weight one.
+fn maglev_ring(backend_ids: &[u32], size: u32) -> Result<Vec<u32>> {
+    let keys: Vec<[u8; 4]> = backend_ids.iter().map(|id| id.to_be_bytes()).collect();
+    let members: Vec<Member<'_>> = keys
         .iter()
-        .map(|&id| {
-            let offset = mix(u64::from(id) ^ 0xa5a5) % size;
-            let skip = mix(u64::from(id) ^ 0x5a5a_0000) % (size - 1) + 1;
-            (offset, skip)
-        })
+        .zip(backend_ids)
+        .map(|(key, id)| Member::new(key, *id, 1))
         .collect();
-    let mut next = vec![0u64; backend_ids.len()];
-    let mut ring = vec![EMPTY; size as usize];
-    let mut filled = 0;
-    'fill: loop {
-        for (n, &(offset, skip)) in perms.iter().enumerate() {
-            let mut slot = ((offset + next[n] * skip) % size) as usize;
-            while ring[slot] != EMPTY {
-                next[n] += 1;
-                slot = ((offset + next[n] * skip) % size) as usize;
-            }
-            ring[slot] = backend_ids[n];
-            next[n] += 1;
-            filled += 1;
-            if filled == ring.len() {
-                break 'fill;
-            }
-        }
-    }
-    ring
+    Ok(maglev::build(&members, size, u64::from(HASH_SEED))?)
 }
 
 fn tcp4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, syn: bool) -> Vec<u8> {
@@ -936,7 +911,7 @@ impl Report {
                     vips.v6_backends[0]
                 ),
                 ring_size: RING_SIZE,
-                ring: "Maglev permutation fill, equal weights",
+                ring: "the controller's Maglev engine, equal weights",
                 next_hops: "valid entry per backend, ifindex 1 (the test run's ingress): XDP_TX",
                 conntrack_size: args.conntrack_size,
                 syn_flows: args.syn_flows,
@@ -1026,23 +1001,3 @@ fn write_json(path: &Path, report: &Report) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn maglev_ring_fills_every_slot_evenly() {
-        let ids: Vec<u32> = (0..100).collect();
-        let ring = maglev_ring(&ids, RING_SIZE);
-        assert_eq!(ring.len(), RING_SIZE as usize);
-        let mut per_backend = [0u32; 100];
-        for id in &ring {
-            per_backend[*id as usize] += 1;
-        }
-        let (min, max) = (
-            per_backend.iter().min().unwrap(),
-            per_backend.iter().max().unwrap(),
-        );
-        assert!(max - min <= 1, "{min}..{max}");
-    }
-}

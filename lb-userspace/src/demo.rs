@@ -35,6 +35,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::dataplane::nexthop::{NextHopError, NextHopResolver, Resolution};
 use crate::dataplane::{AttachMode, Dataplane, DataplaneError, Limits, Role};
+use crate::maglev::{self, Member};
 use crate::topology::{Bridge, Host, Interface, LinkOpts, Topology, TopologyError};
 
 /// The service every backend offers.
@@ -1285,57 +1286,17 @@ fn answer(mut stream: TcpStream, line: &str) {
     while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
 }
 
-/// A minimal Maglev table for the demo (the controller's own engine, with
-/// weights, comes later): each backend id walks its own permutation of the
-/// slots, `offset + j * skip`, and the backends take turns claiming their
-/// next free slot until all `size` (a prime) are taken. Equal weights.
+/// The VIP's ring over `backend_ids`, equal weights, from the controller's
+/// Maglev engine (a backend's identity is its id: the demo never renumbers).
 pub fn maglev_ring(backend_ids: &[u32], size: u32) -> Vec<u32> {
-    const EMPTY: u32 = u32::MAX;
-    let m = u64::from(size);
-    let mut ring = vec![EMPTY; size as usize];
-    if backend_ids.is_empty() || size == 0 {
-        return ring;
-    }
-    let mut walks: Vec<(u64, u64, u64)> = backend_ids
+    let keys: Vec<[u8; 4]> = backend_ids.iter().map(|id| id.to_be_bytes()).collect();
+    let members: Vec<Member<'_>> = keys
         .iter()
-        .map(|&id| {
-            let offset = mix(u64::from(id), 1) % m;
-            let skip = if m > 1 {
-                mix(u64::from(id), 2) % (m - 1) + 1
-            } else {
-                1
-            };
-            (offset, skip, 0)
-        })
+        .zip(backend_ids)
+        .map(|(key, id)| Member::new(key, *id, 1))
         .collect();
-    let mut filled = 0;
-    'fill: loop {
-        for (k, walk) in walks.iter_mut().enumerate() {
-            loop {
-                let (offset, skip, next) = *walk;
-                let slot = ((offset + next * skip) % m) as usize;
-                walk.2 += 1;
-                if ring[slot] == EMPTY {
-                    ring[slot] = backend_ids[k];
-                    filled += 1;
-                    break;
-                }
-            }
-            if filled == ring.len() {
-                break 'fill;
-            }
-        }
-    }
-    ring
-}
-
-/// splitmix64 of `value` in stream `salt`.
-fn mix(value: u64, salt: u64) -> u64 {
-    let mut z = value ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    // Callers always pass at least one backend and a prime size.
+    maglev::build(&members, size, 0).unwrap_or_default()
 }
 
 /// An AF_PACKET socket on one interface: every frame in and out, as the
@@ -1778,38 +1739,6 @@ fn keep_running(site: &Site) -> Result<(), DemoError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn maglev_ring_fills_every_slot_evenly() {
-        let ring = maglev_ring(&[0, 1, 2, 3, 4, 5], RING_SIZE);
-        assert_eq!(ring.len(), RING_SIZE as usize);
-        let mut counts = BTreeMap::new();
-        for id in &ring {
-            *counts.entry(*id).or_insert(0usize) += 1;
-        }
-        assert_eq!(
-            counts.keys().copied().collect::<Vec<_>>(),
-            [0, 1, 2, 3, 4, 5]
-        );
-        for count in counts.values() {
-            // Maglev's turns give each backend within one slot of M / N.
-            assert!(count.abs_diff(RING_SIZE as usize / 6) <= 1, "{counts:?}");
-        }
-    }
-
-    #[test]
-    fn maglev_ring_moves_little_when_a_backend_leaves() {
-        let before = maglev_ring(&[0, 1, 2, 3, 4, 5], RING_SIZE);
-        let after = maglev_ring(&[1, 2, 3, 4, 5], RING_SIZE);
-        assert!(!after.contains(&0));
-        let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
-        let minimum = before.iter().filter(|id| **id == 0).count();
-        // Near the minimum (the departed backend's slots), as in the paper.
-        assert!(
-            moved >= minimum && moved < minimum * 13 / 10,
-            "{moved} vs {minimum}"
-        );
-    }
 
     #[test]
     fn answers_parse() {
