@@ -36,8 +36,9 @@ pub fn tracking(pkt: &Packet, flow_hash: u64, settings: &Settings) -> Option<Tra
         return None;
     }
     let slot = ConnSlot::of(flow_hash, settings.conntrack_mask);
+    let set = conntrack::set_at(slot.set)?;
     Some(Tracking {
-        set: conntrack::set_at(slot.set)?,
+        set,
         fingerprint: slot.fingerprint,
     })
 }
@@ -85,6 +86,11 @@ pub fn from_ring(
     };
     if vip.ring_size == 0 {
         return Err(Counter::DropNoBackend);
+    }
+    // The ring slot and a new flow's set are both random lines of large
+    // arrays: loading the set now makes the two cache misses overlap.
+    if let Some(tracking) = tracking {
+        conntrack::prefetch(tracking.set);
     }
     let backend_id = array_get(&RINGS, vip.ring_offset + ring_slot(hash, vip.ring_size))
         .ok_or(Counter::DropNoBackend)?;
