@@ -1000,4 +1000,3 @@ fn write_json(path: &Path, report: &Report) -> Result<()> {
     std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
-

@@ -40,7 +40,7 @@ use std::{
     time::Instant,
 };
 
-use lb_common::{BACKEND_F_UP, Counter, NextHop, VipInfo, VipKey, addr_from_ip, ip_from_addr};
+use lb_common::{BACKEND_F_UP, Counter, NextHop, VipInfo, VipKey, ip_from_addr};
 use log::{error, info, warn};
 use tokio::sync::{mpsc, watch};
 
@@ -400,11 +400,8 @@ fn programmed_in_maps(
     dataplane: &Dataplane,
     desired: &DesiredState,
 ) -> Result<Plan, DataplaneError> {
-    let by_key: BTreeMap<VipKey, &Vip> = desired
-        .vips
-        .values()
-        .map(|vip| (wire_key(vip), vip))
-        .collect();
+    let by_key: BTreeMap<VipKey, &Vip> =
+        desired.vips.values().map(|vip| (vip.key(), vip)).collect();
     let mut plan = Plan::default();
     let mut owner: BTreeMap<u32, u32> = BTreeMap::new();
     for (key, info) in dataplane.vips.iter() {
@@ -483,16 +480,6 @@ fn programmed_in_maps(
         plan.backends.insert(id, backend);
     }
     Ok(plan)
-}
-
-fn wire_key(vip: &Vip) -> VipKey {
-    let (family, addr) = addr_from_ip(vip.addr);
-    VipKey {
-        addr,
-        port: vip.port.to_be(),
-        proto: vip.proto.number(),
-        family,
-    }
 }
 
 /// Where to attach at start: the configured interfaces, then those a

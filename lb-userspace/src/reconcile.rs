@@ -35,7 +35,7 @@ use crate::{
     dataplane::{Dataplane, DataplaneError},
     maglev::{self, MaglevError, Member},
     policy::{self, PolicyOptions, Shares},
-    state::{AdminState, Affinity, DesiredState, Health, Vip},
+    state::{AdminState, Affinity, DesiredState, Health},
 };
 
 /// Integer weights handed to Maglev per unit of share: fine enough that a
@@ -51,7 +51,11 @@ pub enum ReconcileError {
         source: MaglevError,
     },
     #[error("VIP {vip}: no room for a ring of {size} slots (ring storage holds {capacity} in all)")]
-    RingSpace { vip: String, size: u32, capacity: u32 },
+    RingSpace {
+        vip: String,
+        size: u32,
+        capacity: u32,
+    },
     #[error("too many VIPs: the data plane was loaded for {limit}")]
     TooManyVips { limit: u32 },
     #[error("too many backends: the data plane was loaded for {limit} (one per VIP and backend)")]
@@ -213,8 +217,8 @@ impl Reconciler {
             let shares = policy::shares(vip, backend_health, &self.options.policy);
             for (_, backend) in vip.backends() {
                 let id = self.backend_id(name, backend.addr)?;
-                let up = backend.admin != AdminState::Disabled
-                    && backend_health(backend) == Health::Up;
+                let up =
+                    backend.admin != AdminState::Disabled && backend_health(backend) == Health::Up;
                 plan.backends.insert(
                     id,
                     PlannedBackend {
@@ -229,7 +233,7 @@ impl Reconciler {
             plan.vips.insert(
                 name.clone(),
                 PlannedVip {
-                    key: vip_key(vip),
+                    key: vip.key(),
                     info: VipInfo {
                         id: vip_id,
                         ring_offset,
@@ -250,7 +254,11 @@ impl Reconciler {
 
     /// Writes the difference between what is programmed and `plan`, in the
     /// order the module docs give.
-    pub fn apply(&mut self, plan: Plan, dataplane: &mut Dataplane) -> Result<Applied, ReconcileError> {
+    pub fn apply(
+        &mut self,
+        plan: Plan,
+        dataplane: &mut Dataplane,
+    ) -> Result<Applied, ReconcileError> {
         let mut applied = Applied::default();
         let old = &self.programmed;
 
@@ -335,11 +343,11 @@ impl Reconciler {
             .copied()
             .chain(self.programmed.vips.values().map(|vip| vip.info.id))
             .collect();
-        let id = (0..self.max_vips)
-            .find(|id| !taken.contains(id))
-            .ok_or(ReconcileError::TooManyVips {
+        let id = (0..self.max_vips).find(|id| !taken.contains(id)).ok_or(
+            ReconcileError::TooManyVips {
                 limit: self.max_vips,
-            })?;
+            },
+        )?;
         self.vip_ids.insert(name.to_owned(), id);
         Ok(id)
     }
@@ -433,22 +441,12 @@ fn addr_bytes(addr: IpAddr) -> Vec<u8> {
     }
 }
 
-fn vip_key(vip: &Vip) -> VipKey {
-    let (family, addr) = addr_from_ip(vip.addr);
-    VipKey {
-        addr,
-        port: vip.port.to_be(),
-        proto: vip.proto.number(),
-        family,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::state::{Backend, Cluster, Proto};
+    use crate::state::{Backend, Cluster, Proto, Vip};
 
     fn addr(last: u8) -> IpAddr {
         IpAddr::V4(Ipv4Addr::new(198, 18, 1, last))
@@ -456,13 +454,20 @@ mod tests {
 
     /// One VIP, clusters east (3 backends) and west (2), weights 1:1.
     fn state() -> DesiredState {
-        let mut vip = Vip::new("web", IpAddr::V4(Ipv4Addr::new(198, 18, 100, 1)), 80, Proto::Tcp);
+        let mut vip = Vip::new(
+            "web",
+            IpAddr::V4(Ipv4Addr::new(198, 18, 100, 1)),
+            80,
+            Proto::Tcp,
+        );
         vip.ring_size = 65537;
         for (cluster, backends) in [("east", &[1u8, 2, 3][..]), ("west", &[11, 12][..])] {
             let mut c = Cluster::new(cluster, 1, 0);
             for last in backends {
-                c.backends
-                    .insert(format!("b{last}"), Backend::new(format!("b{last}"), addr(*last), 1));
+                c.backends.insert(
+                    format!("b{last}"),
+                    Backend::new(format!("b{last}"), addr(*last), 1),
+                );
             }
             vip.clusters.insert(cluster.to_owned(), c);
         }
@@ -491,9 +496,18 @@ mod tests {
     fn ring_follows_the_policy_shares() {
         let plan = reconciler().plan(&state(), &BTreeMap::new()).expect("plan");
         // Clusters 1:1, so each east backend a sixth, each west one a quarter.
-        for (last, share) in [(1, 1.0 / 6.0), (2, 1.0 / 6.0), (3, 1.0 / 6.0), (11, 0.25), (12, 0.25)] {
+        for (last, share) in [
+            (1, 1.0 / 6.0),
+            (2, 1.0 / 6.0),
+            (3, 1.0 / 6.0),
+            (11, 0.25),
+            (12, 0.25),
+        ] {
             let got = slot_share(&plan, "web", addr(last));
-            assert!((got - share).abs() < 0.01, "backend {last}: {got} of the ring, expected {share}");
+            assert!(
+                (got - share).abs() < 0.01,
+                "backend {last}: {got} of the ring, expected {share}"
+            );
         }
     }
 
@@ -504,8 +518,15 @@ mod tests {
         let health = BTreeMap::from([(addr(1), Health::Down)]);
         let after = r.plan(&state(), &health).expect("plan");
         assert_eq!(slot_share(&after, "web", addr(1)), 0.0);
-        assert_eq!(before.backends.keys().collect::<Vec<_>>(), after.backends.keys().collect::<Vec<_>>());
-        let down = after.backends.values().find(|b| b.addr == addr(1)).expect("still planned");
+        assert_eq!(
+            before.backends.keys().collect::<Vec<_>>(),
+            after.backends.keys().collect::<Vec<_>>()
+        );
+        let down = after
+            .backends
+            .values()
+            .find(|b| b.addr == addr(1))
+            .expect("still planned");
         assert!(!down.up, "its flows must move");
         assert_eq!(before.vips["web"].info, after.vips["web"].info);
     }
@@ -513,13 +534,23 @@ mod tests {
     #[test]
     fn drained_backends_keep_their_flows_disabled_ones_do_not() {
         let mut state = state();
-        let east = state.vips.get_mut("web").expect("vip").clusters.get_mut("east").expect("east");
+        let east = state
+            .vips
+            .get_mut("web")
+            .expect("vip")
+            .clusters
+            .get_mut("east")
+            .expect("east");
         east.backends.get_mut("b1").expect("b1").admin = AdminState::Drained;
         east.backends.get_mut("b2").expect("b2").admin = AdminState::Disabled;
         let plan = reconciler().plan(&state, &BTreeMap::new()).expect("plan");
         for (last, up) in [(1, true), (2, false)] {
             assert_eq!(slot_share(&plan, "web", addr(last)), 0.0);
-            let planned = plan.backends.values().find(|b| b.addr == addr(last)).expect("planned");
+            let planned = plan
+                .backends
+                .values()
+                .find(|b| b.addr == addr(last))
+                .expect("planned");
             assert_eq!(planned.up, up, "backend {last}");
         }
     }
@@ -547,7 +578,10 @@ mod tests {
         let first = r.plan(&two, &BTreeMap::new()).expect("plan");
         let (web, api) = (&first.vips["web"].info, &first.vips["api"].info);
         assert_ne!(web.id, api.id);
-        assert!(web.ring_offset + 65537 <= api.ring_offset || api.ring_offset + 65537 <= web.ring_offset);
+        assert!(
+            web.ring_offset + 65537 <= api.ring_offset
+                || api.ring_offset + 65537 <= web.ring_offset
+        );
         assert_eq!(first.backends.len(), 10, "one id per VIP and backend");
 
         // A ring too large for the storage is refused with the reason.

@@ -8,7 +8,7 @@
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
-use lb_common::{DEFAULT_RING_SIZE, PROTO_TCP, PROTO_UDP};
+use lb_common::{DEFAULT_RING_SIZE, PROTO_TCP, PROTO_UDP, VipKey, addr_from_ip};
 
 /// Everything the operator asked for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -75,6 +75,17 @@ impl Vip {
             ring_size: DEFAULT_RING_SIZE,
             affinity: Affinity::Flow,
             clusters: BTreeMap::new(),
+        }
+    }
+
+    /// The VIP's key in the data plane's VIP table.
+    pub fn key(&self) -> VipKey {
+        let (family, addr) = addr_from_ip(self.addr);
+        VipKey {
+            addr,
+            port: self.port.to_be(),
+            proto: self.proto.number(),
+            family,
         }
     }
 

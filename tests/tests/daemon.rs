@@ -43,9 +43,7 @@ use std::{
 };
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
-use lb_common::{
-    Backend as BackendEntry, Counter, VipInfo, VipKey, addr_from_ip, ip_from_addr, map_names,
-};
+use lb_common::{Backend as BackendEntry, Counter, VipInfo, VipKey, ip_from_addr, map_names};
 use xlb::{
     api::{Admin, Client, Request, Response, Status},
     config::{self, NodeConfig},
@@ -632,16 +630,6 @@ fn global_counters(pin_dir: &Path) -> BTreeMap<Counter, u64> {
         .collect()
 }
 
-fn vip_key(vip: &Vip) -> VipKey {
-    let (family, addr) = addr_from_ip(vip.addr);
-    VipKey {
-        addr,
-        port: vip.port.to_be(),
-        proto: vip.proto.number(),
-        family,
-    }
-}
-
 /// What the controller's own reconcile step makes of `state`: the Maglev
 /// rings of the Maglev module, over the policy's weights.
 fn plan(node: &NodeConfig, state: &DesiredState) -> Plan {
@@ -708,7 +696,7 @@ fn assert_kernel_matches(site: &Site, state: &DesiredState, what: &str) {
 /// Slots per backend address in the kernel's ring of `vip`.
 fn kernel_slots(kernel: &Kernel, vip: &Vip) -> BTreeMap<IpAddr, u32> {
     let mut slots = BTreeMap::new();
-    if let Some((_, ring)) = kernel.vips.get(&vip_key(vip)) {
+    if let Some((_, ring)) = kernel.vips.get(&vip.key()) {
         for addr in kernel_ring_addrs(kernel, ring).into_iter().flatten() {
             *slots.entry(addr).or_default() += 1;
         }

@@ -27,8 +27,16 @@ fn backend_addr(last: u8) -> IpAddr {
 }
 
 fn site(west_weight: u32) -> DesiredState {
-    let mut vip = Vip::new("web", IpAddr::V4(Ipv4Addr::new(198, 18, 100, 1)), 80, Proto::Tcp);
-    for (name, weight, backends) in [("east", 1, [1u8, 2, 3]), ("west", west_weight, [11, 12, 13])] {
+    let mut vip = Vip::new(
+        "web",
+        IpAddr::V4(Ipv4Addr::new(198, 18, 100, 1)),
+        80,
+        Proto::Tcp,
+    );
+    for (name, weight, backends) in [
+        ("east", 1, [1u8, 2, 3]),
+        ("west", west_weight, [11, 12, 13]),
+    ] {
         let mut cluster = Cluster::new(name, weight, 0);
         for last in backends {
             let b = Backend::new(format!("b{last}"), backend_addr(last), 1);
@@ -53,7 +61,10 @@ fn assert_kernel_holds(dp: &Dataplane, plan: &Plan) {
             .rings
             .read(vip.info.ring_offset, vip.ring.len() as u32)
             .expect("reading RINGS");
-        assert!(ring == *vip.ring, "{name}: the kernel's ring differs from the plan's");
+        assert!(
+            ring == *vip.ring,
+            "{name}: the kernel's ring differs from the plan's"
+        );
     }
     for (id, backend) in &plan.backends {
         let entry = dp.backends.get(*id).expect("reading BACKENDS");
@@ -92,7 +103,10 @@ fn the_kernel_holds_the_plan_and_changes_write_only_the_difference() {
     let plan = reconciler.plan(&site(2), &healthy).expect("plan");
     let applied = reconciler.apply(plan.clone(), &mut dp).expect("apply");
     let moved = applied.ring_slots_written as f64 / f64::from(RING);
-    assert!((0.16..0.20).contains(&moved), "{moved} of the ring rewritten");
+    assert!(
+        (0.16..0.20).contains(&moved),
+        "{moved} of the ring rewritten"
+    );
     assert_kernel_holds(&dp, &plan);
 
     // A backend goes down: out of the ring, not up, same id.
@@ -102,7 +116,9 @@ fn the_kernel_holds_the_plan_and_changes_write_only_the_difference() {
     assert_kernel_holds(&dp, &plan);
 
     // The VIP goes: its entry is removed and its backends cleared.
-    let plan = reconciler.plan(&DesiredState::default(), &healthy).expect("plan");
+    let plan = reconciler
+        .plan(&DesiredState::default(), &healthy)
+        .expect("plan");
     let applied = reconciler.apply(plan, &mut dp).expect("apply");
     assert_eq!((applied.vips_removed, applied.backends_removed), (1, 6));
     assert_eq!(dp.vips.iter().count(), 0);
