@@ -14,7 +14,7 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::{Path, PathBuf},
+    path::PathBuf,
 };
 
 use anyhow::{Context, Result, bail, ensure};
@@ -30,7 +30,10 @@ use xlb::{
     maglev::{self, Member},
 };
 
-use crate::machine::{self, Machine};
+use crate::{
+    machine::{self, Machine},
+    results::write_json,
+};
 
 const DEFAULT_JSON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/results/dataplane.json");
 
@@ -985,18 +988,4 @@ fn print_table(report: &Report) {
             );
         }
     }
-}
-
-/// Writes through a temporary file and a rename, so that an interrupted run
-/// never leaves half a result behind.
-fn write_json(path: &Path, report: &Report) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let mut text = serde_json::to_string_pretty(report)?;
-    text.push('\n');
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }

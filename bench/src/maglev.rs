@@ -9,18 +9,16 @@
 //! that all of them see the same machine state; the figure reported is the
 //! median of the runs. The thread is pinned to one CPU.
 
-use std::{
-    collections::BTreeMap,
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
-    time::Instant,
-};
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, time::Instant};
 
 use anyhow::{Context, Result, ensure};
 use serde::Serialize;
 use xlb::maglev::{self, Member};
 
-use crate::machine::{self, Machine};
+use crate::{
+    machine::{self, Machine},
+    results::write_json,
+};
 
 const DEFAULT_JSON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/results/maglev.json");
 
@@ -404,16 +402,4 @@ fn print_report(report: &Report) {
             changed / PAPER_DISRUPTION_100
         );
     }
-}
-
-fn write_json(path: &Path, report: &Report) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let mut text = serde_json::to_string_pretty(report)?;
-    text.push('\n');
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }

@@ -8,6 +8,7 @@
 mod dataplane;
 mod machine;
 mod maglev;
+mod results;
 
 use std::process::ExitCode;
 
