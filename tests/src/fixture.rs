@@ -6,8 +6,8 @@ use std::{io, net::IpAddr, process::Command};
 
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{
-    BACKEND_F_UP, Backend, FlowKey, NEXTHOP_F_VALID, NextHop, Settings, VIP_F_CLIENT_AFFINITY,
-    addr_from_ip, ring_slot,
+    BACKEND_F_UP, Backend, Counter, FlowKey, NEXTHOP_F_VALID, NextHop, Settings,
+    VIP_F_CLIENT_AFFINITY, addr_from_ip, ring_slot,
 };
 use xlb::dataplane::{Dataplane, Limits, Role};
 
@@ -228,6 +228,15 @@ impl Fixture {
         let before = self.counters();
         let outcome = self.run(frame);
         (outcome, self.counters().since(&before))
+    }
+
+    /// Runs the balancer and asserts that the packet passed byte for byte
+    /// with exactly the `verdict` counter moved; returns what it moved.
+    pub fn assert_passes(&mut self, frame: &[u8], verdict: Counter) -> Delta {
+        let (out, moved) = self.run_counted(frame);
+        out.assert_passed_unchanged(frame);
+        moved.assert_counters(&[verdict]);
+        moved
     }
 
     /// Runs the decap program and returns what the packet moved.

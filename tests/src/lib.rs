@@ -27,10 +27,12 @@ pub mod counters;
 pub mod expect;
 pub mod fixture;
 pub mod packet;
+pub mod stream;
 pub mod world;
 
 pub use counters::*;
 pub use expect::*;
 pub use fixture::*;
 pub use packet::*;
+pub use stream::*;
 pub use world::*;

@@ -34,10 +34,7 @@ use std::{
     os::unix::{ffi::OsStrExt as _, net::UnixStream},
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Output, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU32, Ordering},
-    },
+    sync::atomic::{AtomicU32, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -52,7 +49,7 @@ use xlb::{
     state::{AdminState, Affinity, Backend, Cluster, DesiredState, Proto, Vip},
     topology::{Host, LinkOpts, Topology},
 };
-use xlb_tests::{is_verdict, privileged};
+use xlb_tests::{Pacing, UdpStream, is_verdict, privileged};
 
 const XLB: &str = env!("CARGO_BIN_EXE_xlb-for-tests");
 
@@ -1199,34 +1196,16 @@ fn restarts_under_a_packet_stream_lose_no_packet() {
 
     let counters_before = global_counters(&site.pin_dir);
     let arrived_before = decapsulated(&site);
-    let stop = Arc::new(AtomicBool::new(false));
-    let stream = {
-        let stop = Arc::clone(&stop);
-        let client = site.client.clone();
-        thread::spawn(move || {
-            client
-                .run_in(|| {
-                    let sockets: Vec<UdpSocket> = (0..FLOWS)
-                        .map(|_| UdpSocket::bind((CLIENT, 0)).expect("binding"))
-                        .collect();
-                    let (mut sent, mut failed) = (0u64, 0u64);
-                    while !stop.load(Ordering::Relaxed) {
-                        // Paced, so that no queue before the balancer
-                        // overflows: a drop there would not be the
-                        // balancer's.
-                        for socket in &sockets {
-                            match socket.send_to(&sent.to_be_bytes(), vip) {
-                                Ok(_) => sent += 1,
-                                Err(_) => failed += 1,
-                            }
-                        }
-                        thread::sleep(Duration::from_micros(300));
-                    }
-                    (sent, failed)
-                })
-                .expect("entering the client")
-        })
-    };
+    let stream = UdpStream::start(
+        &site.client,
+        CLIENT.into(),
+        vip,
+        Pacing {
+            flows: FLOWS,
+            burst: 1,
+            pause: Duration::from_micros(300),
+        },
+    );
 
     thread::sleep(Duration::from_millis(300));
     let mut downtimes = Vec::new();
@@ -1244,8 +1223,7 @@ fn restarts_under_a_packet_stream_lose_no_packet() {
         downtimes.push(started.elapsed());
         thread::sleep(Duration::from_millis(300));
     }
-    stop.store(true, Ordering::Relaxed);
-    let (sent, failed) = stream.join().expect("the stream");
+    let (sent, failed) = stream.stop();
     thread::sleep(Duration::from_millis(300));
 
     let counters = global_counters(&site.pin_dir);

@@ -12,11 +12,10 @@ use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -628,33 +627,17 @@ fn restarts_under_a_packet_stream_lose_no_packet() {
         .expect("entering the node");
     let link_id = pinned_links(&dir).expect("pinned links")[0].link_id;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let stream = {
-        let stop = Arc::clone(&stop);
-        let sender = sender.clone();
-        thread::spawn(move || {
-            sender
-                .run_in(|| {
-                    let socket = UdpSocket::bind((SENDER_ADDR, 0)).expect("binding");
-                    let to = SocketAddr::from((LIVE_VIP, LIVE_PORT));
-                    let (mut sent, mut failed) = (0u64, 0u64);
-                    while !stop.load(Ordering::Relaxed) {
-                        // Paced (about 50 kpps at most) so that the veth's
-                        // queue never overflows: a drop there would be
-                        // before any program.
-                        for _ in 0..8 {
-                            match socket.send_to(&sent.to_be_bytes(), to) {
-                                Ok(_) => sent += 1,
-                                Err(_) => failed += 1,
-                            }
-                        }
-                        thread::sleep(Duration::from_micros(100));
-                    }
-                    (sent, failed)
-                })
-                .expect("entering the sender")
-        })
-    };
+    // About 50 kpps at most.
+    let stream = UdpStream::start(
+        &sender,
+        SENDER_ADDR.into(),
+        SocketAddr::from((LIVE_VIP, LIVE_PORT)),
+        Pacing {
+            flows: 1,
+            burst: 8,
+            pause: Duration::from_micros(100),
+        },
+    );
 
     thread::sleep(Duration::from_millis(200));
     let mut pauses = Vec::new();
@@ -670,8 +653,7 @@ fn restarts_under_a_packet_stream_lose_no_packet() {
         );
         thread::sleep(Duration::from_millis(100));
     }
-    stop.store(true, Ordering::Relaxed);
-    let (sent, failed) = stream.join().expect("the sender");
+    let (sent, failed) = stream.stop();
     // Let the last packets through the veths.
     thread::sleep(Duration::from_millis(200));
 
