@@ -420,41 +420,36 @@ impl Round {
     }
 
     pub fn by_backend(&self) -> BTreeMap<String, usize> {
-        let mut counts = BTreeMap::new();
-        for answer in self
-            .connections
-            .iter()
-            .filter_map(|c| c.outcome.as_ref().ok())
-        {
-            *counts.entry(answer.backend.clone()).or_default() += 1;
-        }
-        counts
+        tally(self.answers().map(|answer| &answer.backend))
     }
 
     pub fn by_cluster(&self) -> BTreeMap<String, usize> {
-        let mut counts = BTreeMap::new();
-        for answer in self
-            .connections
-            .iter()
-            .filter_map(|c| c.outcome.as_ref().ok())
-        {
-            *counts.entry(answer.cluster.clone()).or_default() += 1;
-        }
-        counts
+        tally(self.answers().map(|answer| &answer.cluster))
     }
 
     /// The distinct errors of unanswered connections, with their counts.
     pub fn errors(&self) -> BTreeMap<String, usize> {
-        let mut counts = BTreeMap::new();
-        for err in self
-            .connections
-            .iter()
-            .filter_map(|c| c.outcome.as_ref().err())
-        {
-            *counts.entry(err.clone()).or_default() += 1;
-        }
-        counts
+        tally(
+            self.connections
+                .iter()
+                .filter_map(|c| c.outcome.as_ref().err()),
+        )
     }
+
+    fn answers(&self) -> impl Iterator<Item = &Answer> {
+        self.connections
+            .iter()
+            .filter_map(|c| c.outcome.as_ref().ok())
+    }
+}
+
+/// How often each distinct value occurs.
+fn tally<'a>(values: impl Iterator<Item = &'a String>) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for value in values {
+        *counts.entry(value.clone()).or_default() += 1;
+    }
+    counts
 }
 
 /// The xlb node: its namespace and its data plane, shared with the task
