@@ -935,15 +935,7 @@ fn print_table(report: &Report) {
          median of round means",
         report.method.rounds, report.method.calls_per_case_per_round
     );
-    println!(
-        "kernel {}, {} CPUs ({}), pinned to CPU {}, {}",
-        m.kernel,
-        m.nproc,
-        m.cpu_model.as_deref().unwrap_or("unknown CPU"),
-        m.pinned_cpu
-            .map_or("none".to_owned(), |cpu| cpu.to_string()),
-        m.date
-    );
+    println!("{}", m.summary());
     println!();
     println!(
         "{:<22} {:>9} {:>10} {:>15} {:>9} {:>8} {:>8}  result",

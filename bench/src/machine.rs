@@ -26,6 +26,19 @@ pub struct Machine {
 }
 
 impl Machine {
+    /// One line for a report's header: kernel, CPUs, pinning, date.
+    pub fn summary(&self) -> String {
+        format!(
+            "kernel {}, {} CPUs ({}), pinned to CPU {}, {}",
+            self.kernel,
+            self.nproc,
+            self.cpu_model.as_deref().unwrap_or("unknown CPU"),
+            self.pinned_cpu
+                .map_or("none".to_owned(), |cpu| cpu.to_string()),
+            self.date
+        )
+    }
+
     pub fn describe() -> Self {
         let unix_time = SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -331,14 +331,7 @@ fn print_report(report: &Report) {
         "\nxlb Maglev ring build: median of {} builds per case, seed {:#x}",
         report.method.runs, report.method.seed
     );
-    println!(
-        "{} CPUs ({}), pinned to CPU {}, {}",
-        m.nproc,
-        m.cpu_model.as_deref().unwrap_or("unknown CPU"),
-        m.pinned_cpu
-            .map_or("none".to_owned(), |cpu| cpu.to_string()),
-        m.date
-    );
+    println!("{}", m.summary());
     println!();
     println!(
         "{:>8} {:>6} {:>8} {:>10} {:>17} {:>9} {:>8}",
