@@ -39,8 +39,8 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKEN
 #[map]
 pub static NEXTHOPS: Array<NextHop> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
-/// The connection table: each CPU's range of sets (see `conntrack.rs`). A
-/// flow is normally seen by one CPU (RSS), so per-CPU tables lose nothing.
+/// The connection table, one array of sets shared by all CPUs (see
+/// `conntrack.rs`): a flow that moves to another CPU keeps its backend.
 #[map]
 pub static CONNTRACK: Array<FlowSet> =
     Array::with_max_entries(DEFAULT_CONNTRACK_SIZE / FLOW_WAYS as u32, 0);
