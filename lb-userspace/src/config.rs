@@ -2223,7 +2223,10 @@ mod tests {
         (
             "NODE[vip.web]\naddr = \"198.18.100.1\"\nport = 80\n[vip.web.probe]\npath = @@\"/health\"\n",
             "vip.\"web\".probe.path",
-            &["does not apply to kind = \"tcp\"", "path, host, status and body are for \"http\""],
+            &[
+                "does not apply to kind = \"tcp\"",
+                "path, host, status and body are for \"http\"",
+            ],
         ),
         (
             "NODE[vip.web]\naddr = \"198.18.100.1\"\nport = 80\n[vip.web.probe]\ninterval = 1\ntimeout = @@2\n",
