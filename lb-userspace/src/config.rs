@@ -102,8 +102,36 @@
 //!
 //! Unknown fields are errors that list the allowed ones. The names `vip`,
 //! `cluster` and `backend` hold only tables of named children, so fields
-//! added later (the health probes of a VIP, a cluster or a backend, as a
-//! `probe` table at each level) can never collide with a name.
+//! such as `probe` can never collide with a name.
+//!
+//! ## `probe` (in `[vip.NAME]`, a cluster or a backend)
+//!
+//! Health probes ([`crate::health`]). A backend is probed when its VIP,
+//! its cluster or itself has a `probe` table; each field set at a lower
+//! level overrides the level above. Probe tables are read from the config
+//! file only (not saved in the state file) and apply by name, also to
+//! backends added at run time.
+//!
+//! | field | type | default | meaning |
+//! | --- | --- | --- | --- |
+//! | `kind` | `"tcp"`, `"http"`, `"udp"` | the VIP's proto | TCP connect, HTTP/1.1 GET, or a UDP datagram that must be answered |
+//! | `port` | 1 to 65535 | the VIP's port | required when the VIP's port is 0 |
+//! | `interval` | seconds, 0.01 to 3600 | 2 | between probes |
+//! | `timeout` | seconds, 0.01 to 3600 | 1 | a probe's whole budget; at most `interval` |
+//! | `rise` | 1 to 1000 | 2 | passes in a row that bring a down backend back |
+//! | `fall` | 1 to 1000 | 3 | failures in a row that take it down |
+//! | `jitter` | 0.0 to 0.5 | 0.1 | each wait is the interval ± this fraction |
+//! | `flap_backoff` | seconds, 0 to 86400 | 30 | hold-out of a backend that went down 3 times within 20 intervals; 0: off |
+//! | `path` | absolute path | `"/"` | http only |
+//! | `host` | string | the backend's address | http only: the Host header |
+//! | `status` | array of 100 to 599 | `[200]` | http only: accepted status codes |
+//! | `body` | string | none | http only: the body must contain it |
+//! | `payload` | string | `"ping"` | udp only: the datagram sent |
+//! | `expect` | string | none | udp only: the reply must contain it |
+//!
+//! A field of another kind (`path` with `kind = "tcp"`), a missing port
+//! for a port-0 VIP and a timeout beyond the interval are errors at the
+//! level that sets them.
 //!
 //! ## The state file
 //!
@@ -1737,6 +1765,7 @@ mod tests {
     };
 
     use super::*;
+    use crate::health::ProbeKind;
     use crate::policy::{DEFAULT_OVERPROVISIONING, DEFAULT_PANIC_THRESHOLD};
 
     const EXAMPLE: &str = include_str!("../xlb.example.toml");
@@ -1790,6 +1819,25 @@ mod tests {
         assert_eq!((dns.port, dns.proto, dns.ring_size), (53, Proto::Udp, 4099));
         assert_eq!(dns.affinity, Affinity::Client);
         assert_eq!(dns.backends().count(), 3);
+
+        let (targets, problems) = config.probes.targets(&config.state);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(targets.len(), 9, "every backend is probed");
+        let target = |v: &str, c: &str, b: &str| {
+            let key = (v.to_owned(), c.to_owned(), b.to_owned());
+            targets[&key].spec.clone()
+        };
+        let e1 = target("web", "east", "e1");
+        assert_eq!(
+            (e1.port, e1.rise, e1.fall, e1.jitter_permille),
+            (8080, 2, 3, 100)
+        );
+        assert!(matches!(&e1.kind, ProbeKind::Http { statuses, body, .. }
+            if statuses == &[200, 204] && body.as_deref() == Some("ok")));
+        let s1 = target("web", "standby", "s1");
+        assert_eq!((s1.port, s1.fall, s1.kind.name()), (8081, 2, "http"));
+        let d1 = target("dns", "east", "d1");
+        assert_eq!((d1.kind.name(), d1.port), ("udp", 53));
     }
 
     #[test]
