@@ -775,6 +775,30 @@ mod tests {
     use clap::CommandFactory;
 
     #[test]
+    fn the_probe_column_shows_state_last_transition_and_hold_out() {
+        assert_eq!(probe_text(None), "-");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let probe = crate::health::TargetStatus {
+            kind: "http".into(),
+            port: 8080,
+            state: "down".into(),
+            last_result: Some("ok".into()),
+            last_transition: Some("down (bad status 503)".into()),
+            last_transition_unix: Some(now - 12.2),
+            held_out_secs: Some(17.5),
+            probes: 40,
+            failures: 9,
+        };
+        assert_eq!(
+            probe_text(Some(&probe)),
+            "http:8080 down, last: down (bad status 503) 12s ago, flapping: held out 18s"
+        );
+    }
+
+    #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
     }

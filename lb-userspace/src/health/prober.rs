@@ -414,3 +414,90 @@ async fn probe_loop(
         tokio::time::sleep_until(started + wait).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+
+    use super::*;
+    use crate::health::{ProbeKind, ProbeSpec};
+
+    const DEADLINE: Duration = Duration::from_secs(30);
+
+    /// Polls `board` until `done` holds for the target's status.
+    async fn until(
+        board: &HealthBoard,
+        target: &ProbeTarget,
+        done: impl Fn(&TargetStatus) -> bool,
+    ) -> TargetStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = board.status(target)
+                && done(&status)
+            {
+                return status;
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "waited {:?}: {:?}",
+                started.elapsed(),
+                board.status(target)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// On loopback: a listener that comes and goes is a flapping backend.
+    #[tokio::test]
+    async fn a_flapping_target_is_held_out_and_published_down() {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("binding");
+        let addr: SocketAddr = listener.local_addr().expect("address");
+        let target = ProbeTarget {
+            addr: addr.ip(),
+            spec: ProbeSpec {
+                kind: ProbeKind::Tcp,
+                port: addr.port(),
+                interval: Duration::from_millis(20),
+                timeout: Duration::from_millis(20),
+                rise: 1,
+                fall: 1,
+                jitter_permille: 100,
+                // Far longer than the test: it must still hold at the end.
+                flap_backoff: Duration::from_secs(600),
+            },
+        };
+        let prober = Prober::new(4);
+        let board = prober.board();
+        let (_targets, targets_rx) = watch::channel(BTreeSet::from([target.clone()]));
+        let (health_tx, mut health) = watch::channel(BTreeMap::new());
+        let task = tokio::spawn(prober.run(targets_rx, health_tx));
+
+        let mut listener = Some(listener);
+        for _ in 0..3 {
+            until(&board, &target, |s| s.state == "up").await;
+            drop(listener.take());
+            until(&board, &target, |s| s.state == "down").await;
+            listener = Some(TcpListener::bind(addr).expect("binding again"));
+        }
+        // Listening again, passing every probe, and held out all the same.
+        let held = until(&board, &target, |s| s.last_result.as_deref() == Some("ok")).await;
+        let probes = held.probes;
+        let later = until(&board, &target, |s| s.probes >= probes + 5).await;
+        assert_eq!(later.state, "down");
+        assert!(later.held_out_secs.is_some_and(|s| s > 0.0), "{later:?}");
+        assert_eq!(later.last_transition.as_deref(), Some("down (refused)"));
+        let snapshot = board.snapshot();
+        assert_eq!(
+            (
+                snapshot.hold_outs,
+                snapshot.held_out,
+                snapshot.transitions_down
+            ),
+            (1, 1, 3)
+        );
+        let (published, decided) = board.read_health(&mut health);
+        assert_eq!(published.get(&addr.ip()), Some(&Health::Down));
+        assert!(!decided.is_empty(), "the deciding times wait for the maps");
+        task.abort();
+    }
+}
