@@ -129,7 +129,10 @@
 //! | `payload` | string | `"ping"` | udp only: the datagram sent |
 //! | `expect` | string | none | udp only: the reply must contain it |
 //!
-//! A field of another kind (`path` with `kind = "tcp"`), a missing port
+//! A level that sets another `kind` than the level above drops that
+//! level's kind fields (`path`, `host`, `status`, `body`, `payload`,
+//! `expect`) and keeps the rest. A field of another kind set at the same
+//! level (`path` with `kind = "tcp"`), a missing port
 //! for a port-0 VIP and a timeout beyond the interval are errors at the
 //! level that sets them.
 //!

@@ -108,10 +108,28 @@ pub enum KindName {
 }
 
 impl ProbeSettings {
-    /// `self` with the fields `over` sets replaced.
+    /// `self` with the fields `over` sets replaced. A level that names
+    /// another kind drops the kind's own fields of the levels above (a TCP
+    /// cluster under an HTTP VIP keeps no `path`).
     pub fn overlay(&self, over: &ProbeSettings) -> ProbeSettings {
         fn pick<T: Clone>(base: &Option<T>, over: &Option<T>) -> Option<T> {
             over.clone().or_else(|| base.clone())
+        }
+        if over.kind.is_some() && over.kind != self.kind {
+            let general = ProbeSettings {
+                kind: self.kind,
+                port: self.port,
+                interval: self.interval,
+                timeout: self.timeout,
+                rise: self.rise,
+                fall: self.fall,
+                jitter: self.jitter,
+                flap_backoff: self.flap_backoff,
+                ..ProbeSettings::default()
+            };
+            if general != *self {
+                return general.overlay(over);
+            }
         }
         ProbeSettings {
             kind: pick(&self.kind, &over.kind),
@@ -440,6 +458,27 @@ mod tests {
             (w2.port, w2.interval, w2.kind.name()),
             (8080, Duration::from_secs(5), "http")
         );
+    }
+
+    #[test]
+    fn a_level_that_changes_the_kind_drops_the_kind_fields_above() {
+        let mut config = ProbeConfig::default();
+        let vip = config.vips.entry("web".into()).or_default();
+        vip.probe = Some(ProbeSettings {
+            kind: Some(KindName::Http),
+            path: Some("/health".into()),
+            rise: Some(5),
+            ..Default::default()
+        });
+        vip.clusters.entry("west".into()).or_default().probe = Some(ProbeSettings {
+            kind: Some(KindName::Tcp),
+            ..Default::default()
+        });
+        let (targets, problems) = config.targets(&state(80));
+        assert!(problems.is_empty(), "{problems:?}");
+        let w1 = &targets[&key("west", "w1")].spec;
+        assert_eq!((w1.kind.name(), w1.rise), ("tcp", 5));
+        assert_eq!(targets[&key("east", "e1")].spec.kind.name(), "http");
     }
 
     #[test]
