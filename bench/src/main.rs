@@ -6,6 +6,7 @@
 //! first, or `cargo run --release -p xlb-bench -- NAME [ARGS]` (as root).
 
 mod dataplane;
+mod health;
 mod machine;
 mod maglev;
 mod results;
@@ -30,6 +31,9 @@ enum Bench {
     /// ratios to the Maglev paper's, and the slots moved when a backend
     /// leaves.
     Maglev(maglev::Args),
+    /// Health probes: prober CPU for 10 000 targets at 1 s, and the time
+    /// from a health change to the maps written for 1 000 backends.
+    Health(health::Args),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +41,7 @@ fn main() -> ExitCode {
     let result = match cli.bench {
         Bench::Dataplane(args) => dataplane::run(&args),
         Bench::Maglev(args) => maglev::run(&args),
+        Bench::Health(args) => health::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -477,6 +477,9 @@ pub struct BackendView {
     pub id: Option<u32>,
     pub packets: u64,
     pub bytes: u64,
+    /// Its probe's state, when it is probed.
+    #[serde(default)]
+    pub probe: Option<crate::health::TargetStatus>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -498,6 +501,9 @@ pub struct Status {
     pub last_reconcile: Option<ReconcileReport>,
     /// The balancer's global counters that are not zero, by name.
     pub counters: BTreeMap<String, u64>,
+    /// Probe counters and transition latency, when anything is probed.
+    #[serde(default)]
+    pub health: Option<crate::health::HealthSnapshot>,
 }
 
 // ---------------------------------------------------------------------------

@@ -630,6 +630,7 @@ fn backend_table(backends: &[BackendView], with_vip: bool, indent: &str) -> Stri
                 percent(b.share),
                 b.slots.to_string(),
                 b.packets.to_string(),
+                probe_text(b.probe.as_ref()),
             ]);
             row
         })
@@ -640,8 +641,33 @@ fn backend_table(backends: &[BackendView], with_vip: bool, indent: &str) -> Stri
     }
     header.extend([
         "CLUSTER", "BACKEND", "ADDRESS", "WEIGHT", "ADMIN", "HEALTH", "SHARE", "SLOTS", "PACKETS",
+        "PROBE",
     ]);
     table(&header, &rows, indent)
+}
+
+/// `http:80 down, last: down (timeout) 12s ago, held out 18s`, or `-`
+/// when the backend is not probed.
+fn probe_text(probe: Option<&crate::health::TargetStatus>) -> String {
+    let Some(p) = probe else {
+        return "-".into();
+    };
+    let mut out = format!("{}:{} {}", p.kind, p.port, p.state);
+    if let (Some(last), Some(at)) = (&p.last_transition, p.last_transition_unix) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        let _ = write!(
+            out,
+            ", last: {last} {} ago",
+            duration((now - at).max(0.0) as u64)
+        );
+    }
+    if let Some(held) = p.held_out_secs {
+        let _ = write!(out, ", flapping: held out {}", duration(held.ceil() as u64));
+    }
+    out
 }
 
 fn duration(secs: u64) -> String {
@@ -686,6 +712,35 @@ fn status_text(status: &Status) -> String {
             .collect();
         let _ = writeln!(out, "counters:   {}", counters.join(" "));
     }
+    if let Some(h) = &status.health {
+        let failures: Vec<String> = h
+            .failures
+            .iter()
+            .map(|(reason, n)| format!("{reason}={n}"))
+            .collect();
+        let mean = h
+            .latency
+            .sum_micros
+            .checked_div(h.latency.count)
+            .unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "probes:     {} targets, {} probes, failures {}, {} down / {} up transitions, \
+             {} held out; decision to maps: last {} µs, mean {mean} µs, max {} µs",
+            h.targets,
+            h.probes,
+            if failures.is_empty() {
+                "none".into()
+            } else {
+                failures.join(" ")
+            },
+            h.transitions_down,
+            h.transitions_up,
+            h.held_out,
+            h.latency.last_micros,
+            h.latency.max_micros,
+        );
+    }
     if status.vips.is_empty() {
         out.push_str("\nno VIPs\n");
     }
@@ -718,6 +773,30 @@ fn status_text(status: &Status) -> String {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn the_probe_column_shows_state_last_transition_and_hold_out() {
+        assert_eq!(probe_text(None), "-");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let probe = crate::health::TargetStatus {
+            kind: "http".into(),
+            port: 8080,
+            state: "down".into(),
+            last_result: Some("ok".into()),
+            last_transition: Some("down (bad status 503)".into()),
+            last_transition_unix: Some(now - 12.2),
+            held_out_secs: Some(17.5),
+            probes: 40,
+            failures: 9,
+        };
+        assert_eq!(
+            probe_text(Some(&probe)),
+            "http:8080 down, last: down (bad status 503) 12s ago, flapping: held out 18s"
+        );
+    }
 
     #[test]
     fn cli_is_consistent() {

@@ -102,8 +102,39 @@
 //!
 //! Unknown fields are errors that list the allowed ones. The names `vip`,
 //! `cluster` and `backend` hold only tables of named children, so fields
-//! added later (the health probes of a VIP, a cluster or a backend, as a
-//! `probe` table at each level) can never collide with a name.
+//! such as `probe` can never collide with a name.
+//!
+//! ## `probe` (in `[vip.NAME]`, a cluster or a backend)
+//!
+//! Health probes ([`crate::health`]). A backend is probed when its VIP,
+//! its cluster or itself has a `probe` table; each field set at a lower
+//! level overrides the level above. Probe tables are read from the config
+//! file only (not saved in the state file) and apply by name, also to
+//! backends added at run time.
+//!
+//! | field | type | default | meaning |
+//! | --- | --- | --- | --- |
+//! | `kind` | `"tcp"`, `"http"`, `"udp"` | the VIP's proto | TCP connect, HTTP/1.1 GET, or a UDP datagram that must be answered |
+//! | `port` | 1 to 65535 | the VIP's port | required when the VIP's port is 0 |
+//! | `interval` | seconds, 0.01 to 3600 | 2 | between probes |
+//! | `timeout` | seconds, 0.01 to 3600 | 1 | a probe's whole budget; at most `interval` |
+//! | `rise` | 1 to 1000 | 2 | passes in a row that bring a down backend back |
+//! | `fall` | 1 to 1000 | 3 | failures in a row that take it down |
+//! | `jitter` | 0.0 to 0.5 | 0.1 | each wait is the interval ± this fraction |
+//! | `flap_backoff` | seconds, 0 to 86400 | 30 | hold-out of a backend that went down 3 times within 20 intervals; 0: off |
+//! | `path` | absolute path | `"/"` | http only |
+//! | `host` | string | the backend's address | http only: the Host header |
+//! | `status` | array of 100 to 599 | `[200]` | http only: accepted status codes |
+//! | `body` | string | none | http only: the body must contain it |
+//! | `payload` | string | `"ping"` | udp only: the datagram sent |
+//! | `expect` | string | none | udp only: the reply must contain it |
+//!
+//! A level that sets another `kind` than the level above drops that
+//! level's kind fields (`path`, `host`, `status`, `body`, `payload`,
+//! `expect`) and keeps the rest. A field of another kind set at the same
+//! level (`path` with `kind = "tcp"`), a missing port
+//! for a port-0 VIP and a timeout beyond the interval are errors at the
+//! level that sets them.
 //!
 //! ## The state file
 //!
@@ -130,6 +161,7 @@ use toml::{
 
 use crate::{
     dataplane::{AttachMode, Limits},
+    health::settings::{ClusterProbes, KindName, ProbeConfig, ProbeSettings},
     maglev::{self, MaglevError},
     policy::PolicyOptions,
     state::{AdminState, Affinity, Backend, Cluster, DesiredState, Proto, Vip},
@@ -151,6 +183,8 @@ const MAX_IFNAME_LEN: usize = 15;
 pub struct Config {
     pub node: NodeConfig,
     pub state: DesiredState,
+    /// The `probe` tables, by VIP, cluster and backend name.
+    pub probes: ProbeConfig,
 }
 
 /// The `[node]` table: everything about this xlb node that is not a VIP.
@@ -283,8 +317,14 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
             });
         }
     }
+    problems.extend(probe_problems(&conv.probes, &state));
     conv.locate(text, origin, problems)?;
-    Ok(Config { node, state })
+    let probes = conv.probes;
+    Ok(Config {
+        node,
+        state,
+        probes,
+    })
 }
 
 /// Reads and validates a state file (see [`to_toml`]) for this node.
@@ -448,6 +488,7 @@ struct RawVip {
     proto: Option<Spanned<RawProto>>,
     ring_size: Option<Spanned<i64>>,
     affinity: Option<Spanned<RawAffinity>>,
+    probe: Option<Spanned<RawProbe>>,
     #[serde(default)]
     cluster: BTreeMap<Spanned<String>, Spanned<RawCluster>>,
 }
@@ -471,6 +512,7 @@ enum RawAffinity {
 struct RawCluster {
     weight: Option<Spanned<i64>>,
     priority: Option<Spanned<i64>>,
+    probe: Option<Spanned<RawProbe>>,
     #[serde(default)]
     backend: BTreeMap<Spanned<String>, Spanned<RawBackend>>,
 }
@@ -481,6 +523,35 @@ struct RawBackend {
     addr: Spanned<String>,
     weight: Option<Spanned<i64>>,
     state: Option<Spanned<RawAdmin>>,
+    probe: Option<Spanned<RawProbe>>,
+}
+
+/// A `probe` table, at any level.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    kind: Option<Spanned<RawProbeKind>>,
+    port: Option<Spanned<i64>>,
+    interval: Option<Spanned<f64>>,
+    timeout: Option<Spanned<f64>>,
+    rise: Option<Spanned<i64>>,
+    fall: Option<Spanned<i64>>,
+    jitter: Option<Spanned<f64>>,
+    flap_backoff: Option<Spanned<f64>>,
+    path: Option<Spanned<String>>,
+    host: Option<Spanned<String>>,
+    status: Option<Spanned<Vec<Spanned<i64>>>>,
+    body: Option<Spanned<String>>,
+    payload: Option<Spanned<String>>,
+    expect: Option<Spanned<String>>,
+}
+
+#[derive(Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawProbeKind {
+    Tcp,
+    Http,
+    Udp,
 }
 
 #[derive(Clone, Copy, Deserialize)]
@@ -666,6 +737,32 @@ fn hint(shape: &str) -> Option<&'static str> {
         "vip.*.cluster.*.backend.*.state" => {
             "\"enabled\" (the default), \"drained\" or \"disabled\""
         }
+        "vip.*.probe" | "vip.*.cluster.*.probe" | "vip.*.cluster.*.backend.*.probe" => {
+            "a table probe = { kind = \"tcp\" | \"http\" | \"udp\", port, interval, timeout, rise, fall, jitter, flap_backoff, ... }"
+        }
+        s if s.ends_with(".probe.kind") => {
+            "\"tcp\", \"http\" or \"udp\" (default: the VIP's proto)"
+        }
+        s if s.ends_with(".probe.port") => "a port from 1 to 65535 (default: the VIP's port)",
+        s if s.ends_with(".probe.interval")
+            || s.ends_with(".probe.timeout")
+            || s.ends_with(".probe.flap_backoff") =>
+        {
+            "a number of seconds such as 2 or 0.5"
+        }
+        s if s.ends_with(".probe.rise") || s.ends_with(".probe.fall") => {
+            "an integer from 1 to 1000"
+        }
+        s if s.ends_with(".probe.jitter") => "a fraction of the interval from 0.0 to 0.5",
+        s if s.ends_with(".probe.status") => "an array of HTTP status codes such as [200, 204]",
+        s if s.ends_with(".probe.path") => "an absolute HTTP path such as \"/health\"",
+        s if s.ends_with(".probe.host")
+            || s.ends_with(".probe.body")
+            || s.ends_with(".probe.payload")
+            || s.ends_with(".probe.expect") =>
+        {
+            "a string"
+        }
         _ => return None,
     })
 }
@@ -786,6 +883,7 @@ struct Located {
 #[derive(Default)]
 struct Converter {
     problems: Vec<Located>,
+    probes: ProbeConfig,
     /// Span of every path the model's problems may name.
     spans: HashMap<String, Range<usize>>,
 }
@@ -1114,6 +1212,8 @@ impl Converter {
                 RawAffinity::Client => Affinity::Client,
             };
         }
+        let mut vip_probes = self.probes.vips.remove(vname).unwrap_or_default();
+        vip_probes.probe = raw.probe.as_ref().map(|p| self.probe(p, &path));
         for (cname, craw) in &raw.cluster {
             let cpath = cluster_path(vname, cname.get_ref());
             self.note(&cpath, cname);
@@ -1135,10 +1235,20 @@ impl Converter {
                     0,
                 ),
             );
+            let mut cluster_probes = ClusterProbes {
+                probe: craw.probe.as_ref().map(|p| self.probe(p, &cpath)),
+                ..ClusterProbes::default()
+            };
             for (bname, braw) in &craw.backend {
                 let bpath = backend_path(vname, cname.get_ref(), bname.get_ref());
                 self.note(&bpath, bname);
                 let braw = braw.get_ref();
+                if let Some(p) = &braw.probe {
+                    let settings = self.probe(p, &bpath);
+                    cluster_probes
+                        .backends
+                        .insert(bname.get_ref().clone(), settings);
+                }
                 let Some(addr) = self.ip(&braw.addr, &format!("{bpath}.addr")) else {
                     continue;
                 };
@@ -1159,9 +1269,167 @@ impl Converter {
                 }
                 cluster.backends.insert(backend.name.clone(), backend);
             }
+            if cluster_probes != ClusterProbes::default() {
+                vip_probes
+                    .clusters
+                    .insert(cluster.name.clone(), cluster_probes);
+            }
             vip.clusters.insert(cluster.name.clone(), cluster);
         }
+        if vip_probes.probe.is_some() || !vip_probes.clusters.is_empty() {
+            self.probes.vips.insert(vname.clone(), vip_probes);
+        }
         Some(vip)
+    }
+
+    /// A `probe` table under `parent`: each field in its range.
+    fn probe(&mut self, raw: &Spanned<RawProbe>, parent: &str) -> ProbeSettings {
+        let path = format!("{parent}.probe");
+        self.note(&path, raw);
+        let raw = raw.get_ref();
+        let mut out = ProbeSettings {
+            kind: raw.kind.as_ref().map(|kind| {
+                self.note(&format!("{path}.kind"), kind);
+                match kind.get_ref() {
+                    RawProbeKind::Tcp => KindName::Tcp,
+                    RawProbeKind::Http => KindName::Http,
+                    RawProbeKind::Udp => KindName::Udp,
+                }
+            }),
+            ..ProbeSettings::default()
+        };
+        if let Some(port) = &raw.port {
+            out.port = self
+                .int(port, &format!("{path}.port"), 1, u16::MAX.into(), "a port")
+                .map(|n| n as u16);
+        }
+        for (field, value) in [("rise", &raw.rise), ("fall", &raw.fall)] {
+            let Some(value) = value else { continue };
+            let n = self
+                .int(value, &format!("{path}.{field}"), 1, 1000, "a count")
+                .map(|n| n as u32);
+            match field {
+                "rise" => out.rise = n,
+                _ => out.fall = n,
+            }
+        }
+        let fields = [
+            ("interval", &raw.interval, 0.01, 3600.0),
+            ("timeout", &raw.timeout, 0.01, 3600.0),
+            ("flap_backoff", &raw.flap_backoff, 0.0, 86400.0),
+        ];
+        for (field, value, min, max) in fields {
+            let Some(value) = value else { continue };
+            let fpath = format!("{path}.{field}");
+            self.note(&fpath, value);
+            let secs = *value.get_ref();
+            if !(min..=max).contains(&secs) {
+                self.problem(
+                    value.span(),
+                    fpath,
+                    format!("expected a number of seconds from {min} to {max}; got {secs}"),
+                );
+                continue;
+            }
+            let duration = Some(std::time::Duration::from_secs_f64(secs));
+            match field {
+                "interval" => out.interval = duration,
+                "timeout" => out.timeout = duration,
+                _ => out.flap_backoff = duration,
+            }
+        }
+        if let Some(jitter) = &raw.jitter {
+            let jpath = format!("{path}.jitter");
+            self.note(&jpath, jitter);
+            let x = *jitter.get_ref();
+            if (0.0..=0.5).contains(&x) {
+                out.jitter = Some(x);
+            } else {
+                self.problem(
+                    jitter.span(),
+                    jpath,
+                    format!("expected a fraction of the interval from 0.0 to 0.5; got {x}"),
+                );
+            }
+        }
+        if let Some(status) = &raw.status {
+            let spath = format!("{path}.status");
+            self.note(&spath, status);
+            let codes: Vec<u16> = status
+                .get_ref()
+                .iter()
+                .enumerate()
+                .filter_map(|(i, code)| {
+                    self.int(
+                        code,
+                        &format!("{spath}[{i}]"),
+                        100,
+                        599,
+                        "an HTTP status code",
+                    )
+                    .map(|n| n as u16)
+                })
+                .collect();
+            if status.get_ref().is_empty() {
+                self.problem(
+                    status.span(),
+                    spath,
+                    "expected at least one HTTP status code such as [200]",
+                );
+            }
+            out.status = Some(codes);
+        }
+        if let Some(p) = &raw.path {
+            let ppath = format!("{path}.path");
+            self.note(&ppath, p);
+            let text = p.get_ref();
+            if text.starts_with('/') && !text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                out.path = Some(text.clone());
+            } else {
+                self.problem(
+                    p.span(),
+                    ppath,
+                    format!("expected an absolute HTTP path without spaces such as \"/health\"; got {text:?}"),
+                );
+            }
+        }
+        let texts = [
+            ("host", &raw.host),
+            ("body", &raw.body),
+            ("payload", &raw.payload),
+            ("expect", &raw.expect),
+        ];
+        for (field, value) in texts {
+            let Some(value) = value else { continue };
+            let fpath = format!("{path}.{field}");
+            self.note(&fpath, value);
+            let text = value.get_ref();
+            let bad_header =
+                field == "host" && text.chars().any(|c| c.is_whitespace() || c.is_control());
+            if text.is_empty() || bad_header {
+                self.problem(
+                    value.span(),
+                    fpath,
+                    format!(
+                        "expected a non-empty string{}; got {text:?}",
+                        if field == "host" {
+                            " without spaces"
+                        } else {
+                            ""
+                        }
+                    ),
+                );
+                continue;
+            }
+            let text = Some(text.clone());
+            match field {
+                "host" => out.host = text,
+                "body" => out.body = text,
+                "payload" => out.payload = text,
+                _ => out.expect = text,
+            }
+        }
+        out
     }
 
     /// The earliest conversion problem, if any.
@@ -1260,6 +1528,29 @@ fn check_name(name: &str) -> Result<(), String> {
 
 // ---------------------------------------------------------------------------
 // The model's own rules, for every source of desired state.
+
+/// Probe settings that are valid field by field but not merged: a field
+/// of the wrong kind, no port for a port-0 VIP, a timeout beyond the
+/// interval. Reported at the deepest level that has a `probe` table.
+fn probe_problems(probes: &ProbeConfig, state: &DesiredState) -> Vec<Problem> {
+    let mut problems: Vec<Problem> = probes
+        .problems(state)
+        .into_iter()
+        .map(|p| {
+            let at = match (&p.cluster, &p.backend) {
+                (Some(c), Some(b)) => backend_path(&p.vip, c, b),
+                (Some(c), None) => cluster_path(&p.vip, c),
+                _ => vip_path(&p.vip),
+            };
+            Problem {
+                path: format!("{at}.probe.{}", p.field),
+                message: p.message,
+            }
+        })
+        .collect();
+    problems.dedup();
+    problems
+}
 
 fn problems(node: &NodeConfig, state: &DesiredState) -> Vec<Problem> {
     let mut found = Vec::new();
@@ -1477,6 +1768,7 @@ mod tests {
     };
 
     use super::*;
+    use crate::health::ProbeKind;
     use crate::policy::{DEFAULT_OVERPROVISIONING, DEFAULT_PANIC_THRESHOLD};
 
     const EXAMPLE: &str = include_str!("../xlb.example.toml");
@@ -1530,6 +1822,25 @@ mod tests {
         assert_eq!((dns.port, dns.proto, dns.ring_size), (53, Proto::Udp, 4099));
         assert_eq!(dns.affinity, Affinity::Client);
         assert_eq!(dns.backends().count(), 3);
+
+        let (targets, problems) = config.probes.targets(&config.state);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(targets.len(), 9, "every backend is probed");
+        let target = |v: &str, c: &str, b: &str| {
+            let key = (v.to_owned(), c.to_owned(), b.to_owned());
+            targets[&key].spec.clone()
+        };
+        let e1 = target("web", "east", "e1");
+        assert_eq!(
+            (e1.port, e1.rise, e1.fall, e1.jitter_permille),
+            (8080, 2, 3, 100)
+        );
+        assert!(matches!(&e1.kind, ProbeKind::Http { statuses, body, .. }
+            if statuses == &[200, 204] && body.as_deref() == Some("ok")));
+        let s1 = target("web", "standby", "s1");
+        assert_eq!((s1.port, s1.fall, s1.kind.name()), (8081, 2, "http"));
+        let d1 = target("dns", "east", "d1");
+        assert_eq!((d1.kind.name(), d1.port), ("udp", 53));
     }
 
     #[test]
@@ -1936,9 +2247,49 @@ mod tests {
         ),
         (
             "NODE[vip.web]\naddr = \"198.18.100.1\"\nport = 80\n\
-             [vip.web.cluster.east]\nbackend.b1 = { addr = \"198.18.1.1\", @@probe = {} }\n",
-            "vip.\"web\".cluster.\"east\".backend.\"b1\".probe",
-            &["unknown field `probe`", "`addr`", "`weight`", "`state`"],
+             [vip.web.cluster.east]\nbackend.b1 = { addr = \"198.18.1.1\", probe = { rise = @@0 } }\n",
+            "vip.\"web\".cluster.\"east\".backend.\"b1\".probe.rise",
+            &["expected a count from 1 to 1000; got 0"],
+        ),
+        (
+            "NODE[vip.web]\naddr = \"198.18.100.1\"\nport = 80\n[vip.web.probe]\n@@intervall = 2\n",
+            "vip.\"web\".probe.intervall",
+            &["unknown field `intervall`", "`interval`", "`flap_backoff`"],
+        ),
+        (
+            "NODE[vip.web]\naddr = \"198.18.100.1\"\nport = 80\nprobe = { kind = @@\"icmp\" }\n",
+            "vip.\"web\".probe.kind",
+            &["unknown variant `icmp`", "`tcp`", "`http`", "`udp`"],
+        ),
+        (
+            "NODE[vip.web]\naddr = \"198.18.100.1\"\nport = 80\n[vip.web.probe]\ninterval = @@0\n",
+            "vip.\"web\".probe.interval",
+            &["expected a number of seconds from 0.01 to 3600; got 0"],
+        ),
+        (
+            "NODE[vip.web]\naddr = \"198.18.100.1\"\nport = 80\n[vip.web.probe]\nkind = \"http\"\nstatus = [200, @@99]\n",
+            "vip.\"web\".probe.status[1]",
+            &["expected an HTTP status code from 100 to 599; got 99"],
+        ),
+        (
+            "NODE[vip.web]\naddr = \"198.18.100.1\"\nport = 80\n[vip.web.probe]\npath = @@\"/health\"\n",
+            "vip.\"web\".probe.path",
+            &[
+                "does not apply to kind = \"tcp\"",
+                "path, host, status and body are for \"http\"",
+            ],
+        ),
+        (
+            "NODE[vip.web]\naddr = \"198.18.100.1\"\nport = 80\n[vip.web.probe]\ninterval = 1\ntimeout = @@2\n",
+            "vip.\"web\".probe.timeout",
+            &["2 s is longer than the interval (1 s)"],
+        ),
+        (
+            "NODE[vip.web]\naddr = \"198.18.100.1\"\nport = 80\n\
+             [vip.web.cluster.east]\nprobe = { kind = \"udp\", payload = \"hi\" }\n\
+             backend.b1 = { addr = \"198.18.1.1\", probe = { kind = \"tcp\", jitter = @@0.9 } }\n",
+            "vip.\"web\".cluster.\"east\".backend.\"b1\".probe.jitter",
+            &["expected a fraction of the interval from 0.0 to 0.5; got 0.9"],
         ),
         (
             "NODE[vip.web]\naddr = \"198.18.100.1\"\nport = 80\n\

@@ -5,11 +5,16 @@
 //!
 //! ```text
 //!  control API ──(Call: request + oneshot reply)──┐
-//!  health (all Up until probes exist) ──(watch)───┼──► reconcile loop ──► maps
+//!  health prober ──(watch: address → health)────┼──► reconcile loop ──► maps
 //!  next-hop resolver ──(id, next hop)─────────────┘        │
 //!        ▲                                                 │
-//!        └──────────(watch: backend id → address)──────────┘
+//!        └──────────(watch: backend id → address)──────────┤
+//!  health prober ◄──────(watch: probe targets)──────────────┘
 //! ```
+//!
+//! The prober ([`crate::health`]) probes the targets the loop derives from
+//! the desired state and the config's `probe` tables; the loop reports each
+//! health change's decision-to-maps latency back to its [`HealthBoard`].
 //!
 //! Start: load the config (errors name file, line and field), take the
 //! desired state from the state file when there is a valid one (else from
@@ -30,7 +35,7 @@
 //! `xlb detach` (no interface) is the way to take everything down.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs,
     future::Future,
     io::{self, Write},
@@ -53,6 +58,7 @@ use crate::{
     dataplane::{
         AttachMode, Dataplane, DataplaneError, Role, nexthop::NextHopResolver, pinned_links,
     },
+    health::{HealthBoard, ProbeConfig, ProbeTarget, Prober, prober::DEFAULT_IN_FLIGHT},
     policy::{self, Locality, Mode, Shares},
     reconcile::{NodeOptions, Plan, PlannedBackend, PlannedVip, ReconcileError, Reconciler},
     state::{AdminState, Backend, Cluster, DesiredState, Health, Vip},
@@ -217,7 +223,11 @@ pub async fn serve(
     mut store: Box<dyn StateStore>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
-    let Config { node, state } = config;
+    let Config {
+        node,
+        state,
+        probes,
+    } = config;
     let desired = match store.load(&node) {
         Ok(Some(saved)) => {
             info!(
@@ -277,6 +287,8 @@ pub async fn serve(
     }
     let (targets_tx, targets_rx) = watch::channel(BTreeMap::new());
     let (health_tx, health_rx) = watch::channel(BTreeMap::new());
+    let prober = Prober::new(DEFAULT_IN_FLIGHT);
+    let (probe_targets, probe_targets_rx) = watch::channel(BTreeSet::new());
     let mut control = Control {
         info: Info {
             config: fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_owned()),
@@ -290,6 +302,9 @@ pub async fn serve(
         store,
         targets: targets_tx,
         last: None,
+        probes,
+        board: prober.board(),
+        probe_targets,
     };
     // Maps before links: a fresh attach finds every VIP programmed, and a
     // restart rewrites what the pinned maps already hold.
@@ -335,6 +350,7 @@ pub async fn serve(
     let (calls_tx, calls_rx) = mpsc::channel(CALL_QUEUE);
     let (stop_tx, stop_rx) = watch::channel(false);
     let api = tokio::spawn(listener.serve(calls_tx, stop_rx.clone()));
+    tokio::spawn(prober.run(probe_targets_rx, health_tx));
     let mut control_loop = tokio::spawn(control.run(calls_rx, hops_rx, health_rx, stop_rx));
 
     let ended = tokio::select! {
@@ -347,8 +363,6 @@ pub async fn serve(
         Some(ended) => ended,
         None => control_loop.await,
     };
-    // Kept until here: the prober of issue 4 will own it.
-    drop(health_tx);
     match ended {
         Ok(End::Stopped(control)) => {
             // Dropping the data plane leaves the pinned links and maps.
@@ -549,6 +563,10 @@ struct Control {
     store: Box<dyn StateStore>,
     targets: watch::Sender<BTreeMap<u32, IpAddr>>,
     last: Option<ReconcileReport>,
+    /// The config's `probe` tables: what to probe for the desired state.
+    probes: ProbeConfig,
+    board: Arc<HealthBoard>,
+    probe_targets: watch::Sender<BTreeSet<ProbeTarget>>,
 }
 
 enum End {
@@ -591,8 +609,8 @@ impl Control {
                         health_open = false;
                         continue;
                     }
-                    let next = health.borrow_and_update().clone();
-                    tokio::task::block_in_place(|| self.health_changed(next));
+                    let (next, decided) = self.board.read_health(&mut health);
+                    tokio::task::block_in_place(|| self.health_changed(next, &decided));
                 }
                 hop = hops.recv(), if hops_open => match hop {
                     Some((id, hop)) => self.next_hop(id, hop),
@@ -624,6 +642,7 @@ impl Control {
                 info!("reconciled ({why}): {report}");
                 self.desired = next;
                 self.last = Some(report);
+                self.probe_desired();
                 Ok(report)
             }
             Err(err) if !restore => Err(err),
@@ -661,16 +680,54 @@ impl Control {
         })
     }
 
-    fn health_changed(&mut self, health: BTreeMap<IpAddr, Health>) {
+    /// `decided`: when the probe results behind the change came in.
+    fn health_changed(&mut self, health: BTreeMap<IpAddr, Health>, decided: &[Instant]) {
         if health == self.health {
             return;
         }
         let before = std::mem::replace(&mut self.health, health);
         let desired = self.desired.clone();
-        if self.reconcile_to(desired, "health changed", true).is_err() {
+        match self.reconcile_to(desired, "health changed", true) {
+            Ok(_) => self.board.maps_updated(decided, Instant::now()),
             // Keep what is programmed and try again on the next change.
-            self.health = before;
+            Err(_) => self.health = before,
         }
+    }
+
+    /// Hands the prober the targets of the desired state.
+    fn probe_desired(&mut self) {
+        let (targets, problems) = self.probes.targets(&self.desired);
+        let targets: BTreeSet<ProbeTarget> = targets.into_values().collect();
+        let changed = self.probe_targets.send_if_modified(|current| {
+            let changed = *current != targets;
+            *current = targets;
+            changed
+        });
+        if changed {
+            for p in problems {
+                warn!(
+                    "VIP {:?}: a backend is not probed: probe.{}: {}",
+                    p.vip, p.field, p.message
+                );
+            }
+        }
+    }
+
+    /// The probe state of one backend, when it is probed.
+    fn probe_status(
+        &self,
+        vip: &Vip,
+        cluster: &Cluster,
+        backend: &Backend,
+    ) -> Option<crate::health::TargetStatus> {
+        let settings = self
+            .probes
+            .settings(&vip.name, &cluster.name, &backend.name)?;
+        let spec = settings.resolve(vip.port, vip.proto).ok()?;
+        self.board.status(&ProbeTarget {
+            addr: backend.addr,
+            spec,
+        })
     }
 
     fn next_hop(&mut self, id: u32, hop: Option<NextHop>) {
@@ -897,6 +954,7 @@ impl Control {
                     id,
                     packets,
                     bytes,
+                    probe: self.probe_status(vip, cluster, backend),
                 }
             })
             .collect();
@@ -967,6 +1025,7 @@ impl Control {
             vips: self.vip_views(),
             last_reconcile: self.last,
             counters,
+            health: (!self.probes.is_empty()).then(|| self.board.snapshot()),
         }
     }
 }
