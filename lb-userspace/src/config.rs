@@ -60,6 +60,19 @@
 //! The ranges are [`PolicyOptions::validate`]'s; [`NodeConfig::policy`]
 //! carries these and `local_cluster`.
 //!
+//! `[node]` also takes `xdp_log` (`"off"`, default, or `"error"`, `"warn"`,
+//! `"info"`, `"debug"`, `"trace"`): the most detailed level of the XDP
+//! program's own log lines (aya-log), fixed when the program is loaded; the
+//! daemon relays them to its log. Off, the program's log statements are
+//! dead code the verifier removes (see `lb-ebpf/src/log.rs`).
+//!
+//! ## `[metrics]` (optional)
+//!
+//! | field | type | default | meaning |
+//! | --- | --- | --- | --- |
+//! | `enabled` | boolean | `true` | serve Prometheus metrics over HTTP |
+//! | `listen` | `"ADDR:PORT"` | `"127.0.0.1:9730"` | where `GET /metrics` is served: loopback only unless set |
+//!
 //! ## `[vip.NAME]` (any number)
 //!
 //! VIPs are tables named by their key, so TOML itself rejects a name used
@@ -116,7 +129,7 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fs,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     ops::Range,
     path::{Path, PathBuf},
 };
@@ -129,7 +142,7 @@ use toml::{
 };
 
 use crate::{
-    dataplane::{AttachMode, Limits},
+    dataplane::{AttachMode, Limits, XdpLog},
     maglev::{self, MaglevError},
     policy::PolicyOptions,
     state::{AdminState, Affinity, Backend, Cluster, DesiredState, Proto, Vip},
@@ -151,6 +164,26 @@ const MAX_IFNAME_LEN: usize = 15;
 pub struct Config {
     pub node: NodeConfig,
     pub state: DesiredState,
+    pub metrics: MetricsConfig,
+}
+
+/// The `[metrics]` table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Where `/metrics` is served; `None`: not served.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: Some(
+                crate::metrics::DEFAULT_LISTEN
+                    .parse()
+                    .expect("the default is an address"),
+            ),
+        }
+    }
 }
 
 /// The `[node]` table: everything about this xlb node that is not a VIP.
@@ -169,6 +202,8 @@ pub struct NodeConfig {
     pub limits: Limits,
     /// `[node.policy]`, with `node.local_cluster` as its `local_cluster`.
     pub policy: PolicyOptions,
+    /// The XDP program's log level, fixed at load.
+    pub xdp_log: XdpLog,
 }
 
 impl Default for NodeConfig {
@@ -185,6 +220,7 @@ impl Default for NodeConfig {
             pin_path: DEFAULT_PIN_PATH.into(),
             limits: Limits::default(),
             policy: PolicyOptions::default(),
+            xdp_log: XdpLog::Off,
         }
     }
 }
@@ -262,6 +298,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
     let mut conv = Converter::default();
     let node = conv.node(&raw.node);
     let state = conv.vips(&raw.vip);
+    let metrics = conv.metrics(raw.metrics.as_ref());
     conv.finish(text, origin)?;
     let mut problems = problems(&node, &state);
     if let Some(local) = &node.policy.local_cluster {
@@ -284,7 +321,11 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         }
     }
     conv.locate(text, origin, problems)?;
-    Ok(Config { node, state })
+    Ok(Config {
+        node,
+        state,
+        metrics,
+    })
 }
 
 /// Reads and validates a state file (see [`to_toml`]) for this node.
@@ -387,6 +428,14 @@ struct RawConfig {
     node: Spanned<RawNode>,
     #[serde(default)]
     vip: RawVips,
+    metrics: Option<Spanned<RawMetrics>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    enabled: Option<Spanned<bool>>,
+    listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -413,6 +462,7 @@ struct RawNode {
     local_cluster: Option<Spanned<String>>,
     limits: Option<Spanned<RawLimits>>,
     policy: Option<Spanned<RawPolicy>>,
+    xdp_log: Option<Spanned<XdpLog>>,
 }
 
 #[derive(Clone, Copy, Deserialize)]
@@ -1001,6 +1051,11 @@ impl Converter {
             }
         }
 
+        if let Some(level) = &raw.xdp_log {
+            self.note("node.xdp_log", level);
+            node.xdp_log = *level.get_ref();
+        }
+
         if let Some(limits) = &raw.limits {
             let limits = limits.get_ref();
             let defaults = Limits::default();
@@ -1060,6 +1115,34 @@ impl Converter {
             }
         }
         node
+    }
+
+    fn metrics(&mut self, raw: Option<&Spanned<RawMetrics>>) -> MetricsConfig {
+        let mut metrics = MetricsConfig::default();
+        let Some(raw) = raw else {
+            return metrics;
+        };
+        self.note("metrics", raw);
+        let raw = raw.get_ref();
+        if let Some(listen) = &raw.listen {
+            self.note("metrics.listen", listen);
+            match listen.get_ref().trim().parse::<SocketAddr>() {
+                Ok(addr) => metrics.listen = Some(addr),
+                Err(_) => self.problem(
+                    listen.span(),
+                    "metrics.listen",
+                    format!(
+                        "expected ADDR:PORT such as {:?} or \"[::1]:9730\"; got {:?}",
+                        crate::metrics::DEFAULT_LISTEN,
+                        listen.get_ref()
+                    ),
+                ),
+            }
+        }
+        if raw.enabled.as_ref().is_some_and(|on| !*on.get_ref()) {
+            metrics.listen = None;
+        }
+        metrics
     }
 
     fn vips(&mut self, raw: &RawVips) -> DesiredState {

@@ -8,6 +8,8 @@ pub mod daemon;
 pub mod dataplane;
 pub mod demo;
 pub mod maglev;
+pub mod metrics;
+pub mod monitor;
 pub mod policy;
 pub mod reconcile;
 pub mod state;
