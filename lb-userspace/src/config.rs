@@ -1573,6 +1573,47 @@ mod tests {
     }
 
     #[test]
+    fn metrics_and_xdp_log_are_read_and_checked() {
+        let config = parse("[node]\ninterfaces = []\n", "x.toml").unwrap();
+        assert_eq!(
+            config.metrics.listen,
+            Some("127.0.0.1:9730".parse().unwrap()),
+            "loopback by default"
+        );
+        assert_eq!(config.node.xdp_log, XdpLog::Off, "off by default");
+        let config = parse(
+            "[node]\ninterfaces = []\nxdp_log = \"debug\"\n[metrics]\nlisten = \"[::]:9100\"\n",
+            "x.toml",
+        )
+        .unwrap();
+        assert_eq!(config.metrics.listen, Some("[::]:9100".parse().unwrap()));
+        assert_eq!(config.node.xdp_log, XdpLog::Debug);
+        let off = parse(
+            "[node]\ninterfaces = []\n[metrics]\nenabled = false\n",
+            "x.toml",
+        )
+        .unwrap();
+        assert_eq!(off.metrics.listen, None);
+
+        let err = parse(
+            "[node]\ninterfaces = []\n[metrics]\nlisten = \"9100\"\n",
+            "x.toml",
+        )
+        .unwrap_err();
+        assert_eq!(
+            (err.line, err.column, err.path.as_str()),
+            (4, 10, "metrics.listen")
+        );
+        assert!(err.message.contains("expected ADDR:PORT"), "{err}");
+        let err = parse("[node]\ninterfaces = []\nxdp_log = \"loud\"\n", "x.toml").unwrap_err();
+        assert_eq!(err.line, 3, "{err}");
+        assert!(
+            err.to_string().contains("debug"),
+            "names the valid levels: {err}"
+        );
+    }
+
+    #[test]
     fn the_example_parses_with_every_field() {
         let config = parse(EXAMPLE, "xlb.example.toml").unwrap_or_else(|err| panic!("{err}"));
         let node = &config.node;
@@ -1588,6 +1629,8 @@ mod tests {
         assert_eq!(node.limits, Limits::default());
         assert_eq!(node.policy.local_cluster.as_deref(), Some("east"));
         assert_eq!(node.policy.overprovisioning, 1.4);
+        assert_eq!(node.xdp_log, XdpLog::Off);
+        assert_eq!(config.metrics, MetricsConfig::default());
 
         let web = &config.state.vips["web"];
         assert_eq!(
