@@ -26,7 +26,7 @@ use lb_common::{
 };
 use serde::Serialize;
 use xlb::{
-    dataplane::{Dataplane, FLOOR_OBJECT, Limits, Role},
+    dataplane::{Dataplane, FLOOR_OBJECT, Limits, Role, XdpLog},
     maglev::{self, Member},
 };
 
@@ -99,6 +99,10 @@ enum Program {
     Balancer,
     FloorDrop,
     FloorTx,
+    /// `floor_tx` plus one log statement, loaded with logging off...
+    FloorTxLog,
+    /// ...and on (debug).
+    FloorTxLogOn,
 }
 
 impl Program {
@@ -107,6 +111,7 @@ impl Program {
             Program::Balancer => lb_common::program_names::BALANCER,
             Program::FloorDrop => "floor_drop",
             Program::FloorTx => "floor_tx",
+            Program::FloorTxLog | Program::FloorTxLogOn => "floor_tx_log",
         }
     }
 }
@@ -201,27 +206,21 @@ pub fn run(args: &Args) -> Result<()> {
     };
     let mut dp = Dataplane::load(limits).context("loading the data plane (are you root?)")?;
     let vips = program(&mut dp)?;
-    let mut floors = aya::Ebpf::load(FLOOR_OBJECT).context("loading the floor object")?;
-    for name in [Program::FloorDrop.name(), Program::FloorTx.name()] {
-        let xdp: &mut Xdp = floors
-            .program_mut(name)
-            .with_context(|| format!("the floor object has no program {name}"))?
-            .try_into()
-            .with_context(|| format!("{name} is not an XDP program"))?;
-        xdp.load().with_context(|| format!("loading {name}"))?;
-    }
-    let floor = |name: &str| -> Result<&Xdp> {
-        floors
-            .program(name)
-            .with_context(|| format!("no program {name}"))?
-            .try_into()
-            .with_context(|| format!("{name} is not an XDP program"))
-    };
+    let floors = load_floors(XdpLog::Off)?;
+    // Logging on: its ring buffer is never read, so after the first few
+    // thousand records each statement is a failed reservation. That is
+    // still the cost of a statement that runs, which "off" must not have.
+    let floors_log_on = load_floors(XdpLog::Debug)?;
+    let floor = |name: &str| -> Result<&Xdp> { floor_program(&floors, name) };
     let balancer = dp.program(Role::Balancer)?;
     let mut cases = cases(
         balancer,
         floor(Program::FloorDrop.name())?,
         floor(Program::FloorTx.name())?,
+        [
+            floor(Program::FloorTxLog.name())?,
+            floor_program(&floors_log_on, Program::FloorTxLogOn.name())?,
+        ],
         &vips,
         args.syn_flows,
     )?;
@@ -435,6 +434,7 @@ fn cases<'a>(
     balancer: &'a Xdp,
     floor_drop: &'a Xdp,
     floor_tx: &'a Xdp,
+    [floor_tx_log, floor_tx_log_on]: [&'a Xdp; 2],
     vips: &Vips,
     syn_flows: usize,
 ) -> Result<Vec<Case<'a>>> {
@@ -564,7 +564,61 @@ fn cases<'a>(
             output: Output::MacsSwapped,
             target: None,
         },
+        Case {
+            name: "floor_tx_log_off",
+            description: "floor_tx with an aya-log debug statement, logging off (as xlb ships)"
+                .into(),
+            program: Program::FloorTxLog,
+            xdp: floor_tx_log,
+            frames: vec![established_v4()],
+            next_frame: 0,
+            verdict: XDP_TX,
+            counters: &[],
+            output: Output::MacsSwapped,
+            target: None,
+        },
+        Case {
+            name: "floor_tx_log_on",
+            description: "floor_tx with an aya-log debug statement, logging on (debug)".into(),
+            program: Program::FloorTxLogOn,
+            xdp: floor_tx_log_on,
+            frames: vec![established_v4()],
+            next_frame: 0,
+            verdict: XDP_TX,
+            counters: &[],
+            output: Output::MacsSwapped,
+            target: None,
+        },
     ])
+}
+
+/// The floor programs, loaded with the log level `log`.
+fn load_floors(log: XdpLog) -> Result<aya::Ebpf> {
+    let mut floors = aya::EbpfLoader::new()
+        .override_global(aya_log::LEVEL, &(log as u8), true)
+        .load(FLOOR_OBJECT)
+        .context("loading the floor object")?;
+    for name in [
+        Program::FloorDrop.name(),
+        Program::FloorTx.name(),
+        Program::FloorTxLog.name(),
+    ] {
+        let xdp: &mut Xdp = floors
+            .program_mut(name)
+            .with_context(|| format!("the floor object has no program {name}"))?
+            .try_into()
+            .with_context(|| format!("{name} is not an XDP program"))?;
+        xdp.load().with_context(|| format!("loading {name}"))?;
+    }
+    Ok(floors)
+}
+
+fn floor_program<'a>(floors: &'a aya::Ebpf, name: &str) -> Result<&'a Xdp> {
+    floors
+        .program(name)
+        .with_context(|| format!("no program {name}"))?
+        .try_into()
+        .with_context(|| format!("{name} is not an XDP program"))
 }
 
 /// Opens the flows that the hit cases reuse: a TCP SYN for each, the first

@@ -9,6 +9,7 @@ mod conntrack;
 mod counters;
 mod decap;
 mod encap;
+mod log;
 mod maps;
 mod nexthop;
 mod parse;
@@ -32,6 +33,7 @@ pub fn xlb_balancer(ctx: XdpContext) -> u32 {
         Ok(verdict) | Err(verdict) => verdict,
     };
     count(verdict);
+    log::verdict(&ctx, verdict);
     match verdict {
         Counter::Tx => xdp_action::XDP_TX,
         Counter::Redirect => xdp_action::XDP_REDIRECT,

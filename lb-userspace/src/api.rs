@@ -325,6 +325,9 @@ pub enum Request {
         vip: Option<String>,
     },
     Status,
+    /// Every counter of every VIP, cluster and backend, and the global ones:
+    /// what `/metrics`, `xlb stats` and `xlb top` show.
+    Stats,
     /// Puts the balancer on an interface of the daemon's namespace.
     Attach {
         interface: String,
@@ -349,6 +352,7 @@ impl Request {
                 | Request::ClusterList { .. }
                 | Request::BackendList { .. }
                 | Request::Status
+                | Request::Stats
                 | Request::Attach { .. }
                 | Request::Detach { .. }
         )
@@ -376,6 +380,9 @@ pub enum Response {
     },
     Status {
         status: Box<Status>,
+    },
+    Stats {
+        stats: Box<crate::metrics::Stats>,
     },
     /// The request was refused (or failed); nothing was changed unless the
     /// message says otherwise.

@@ -7,6 +7,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     process::ExitCode,
+    time::Duration,
 };
 
 use clap::{Args, Parser, Subcommand};
@@ -18,7 +19,9 @@ use crate::{
     },
     config::DEFAULT_API_SOCKET,
     daemon,
+    dataplane::XdpLog,
     demo::{self, Cancel, DemoError, DemoOptions, MAX_BACKENDS_PER_CLUSTER},
+    monitor,
 };
 
 /// Exit status after an interruption (SIGINT, SIGTERM, SIGHUP): 128 + SIGINT,
@@ -72,6 +75,12 @@ enum Command {
     /// Take the balancer off an interface; without one, off every
     /// interface, removing its pinned maps and links, and stop the daemon
     Detach(DetachArgs),
+    /// Counters of every VIP, cluster and backend and of the data plane,
+    /// with their rates over an interval (--json for scripts)
+    Stats(StatsArgs),
+    /// A live view of packet and byte rates per VIP, cluster and backend,
+    /// with health, sorted by rate (q or Ctrl-C quits)
+    Top(TopArgs),
     /// Build a small two-cluster site in network namespaces, send real TCP
     /// connections through the balancer, fail a backend, show what happened.
     #[command(long_about = DEMO_ABOUT)]
@@ -101,6 +110,33 @@ struct RunArgs {
     /// The config file
     #[arg(long, short, value_name = "FILE")]
     config: PathBuf,
+    /// The XDP program's log level, overriding node.xdp_log (its lines go
+    /// to this log); off costs nothing per packet
+    #[arg(long, value_enum, value_name = "LEVEL")]
+    xdp_log: Option<XdpLog>,
+}
+
+#[derive(Debug, Args)]
+struct StatsArgs {
+    /// Seconds between the two readings the rates come from
+    #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = parse_interval)]
+    interval: f64,
+}
+
+#[derive(Debug, Args)]
+struct TopArgs {
+    /// Seconds between refreshes
+    #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = parse_interval)]
+    interval: f64,
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(secs) if (0.1..=3600.0).contains(&secs) => Ok(secs),
+        _ => Err(format!(
+            "{s:?}: expected seconds from 0.1 to 3600, e.g. 1 or 0.5"
+        )),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -299,7 +335,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let request = match cli.command {
         Command::Demo(args) => return demo_command(args),
         Command::Run(args) => {
-            daemon::run(&args.config)?;
+            daemon::run(&args.config, args.xdp_log)?;
             return Ok(ExitCode::SUCCESS);
         }
         Command::Vip(command) => vip_request(command),
@@ -311,6 +347,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             mode: args.mode,
         },
         Command::Detach(args) => return detach_command(args, cli.json, &cli.socket),
+        Command::Stats(args) => {
+            let interval = Duration::from_secs_f64(args.interval);
+            return monitor::stats_command(&cli.socket, cli.json, interval);
+        }
+        Command::Top(args) => {
+            return monitor::top_command(&cli.socket, Duration::from_secs_f64(args.interval));
+        }
     };
     let response = Client::connect(&cli.socket)?.call(&request)?;
     print_response(&response, cli.json)?;
@@ -500,7 +543,7 @@ fn demo_command(args: DemoArgs) -> anyhow::Result<ExitCode> {
 // Printing.
 
 /// Left-aligned columns, two spaces apart, each as wide as its widest cell.
-fn table(header: &[&str], rows: &[Vec<String>], indent: &str) -> String {
+pub(crate) fn table(header: &[&str], rows: &[Vec<String>], indent: &str) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -544,6 +587,10 @@ fn render(response: &Response) -> String {
         Response::Clusters { clusters } => cluster_table(clusters, true, ""),
         Response::Backends { backends } => backend_table(backends, true, ""),
         Response::Status { status } => status_text(status),
+        Response::Stats { stats } => {
+            let rates = monitor::Rates::between(stats, stats);
+            monitor::stats_text(stats, &rates)
+        }
         Response::Error { message } => format!("error: {message}\n"),
     }
 }

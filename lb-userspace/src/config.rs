@@ -60,6 +60,19 @@
 //! The ranges are [`PolicyOptions::validate`]'s; [`NodeConfig::policy`]
 //! carries these and `local_cluster`.
 //!
+//! `[node]` also takes `xdp_log` (`"off"`, default, or `"error"`, `"warn"`,
+//! `"info"`, `"debug"`, `"trace"`): the most detailed level of the XDP
+//! program's own log lines (aya-log), fixed when the program is loaded; the
+//! daemon relays them to its log. Off, the program's log statements are
+//! dead code the verifier removes (see `lb-ebpf/src/log.rs`).
+//!
+//! ## `[metrics]` (optional)
+//!
+//! | field | type | default | meaning |
+//! | --- | --- | --- | --- |
+//! | `enabled` | boolean | `true` | serve Prometheus metrics over HTTP |
+//! | `listen` | `"ADDR:PORT"` | `"127.0.0.1:9730"` | where `GET /metrics` is served: loopback only unless set |
+//!
 //! ## `[vip.NAME]` (any number)
 //!
 //! VIPs are tables named by their key, so TOML itself rejects a name used
@@ -147,7 +160,7 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fs,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     ops::Range,
     path::{Path, PathBuf},
 };
@@ -160,7 +173,7 @@ use toml::{
 };
 
 use crate::{
-    dataplane::{AttachMode, Limits},
+    dataplane::{AttachMode, Limits, XdpLog},
     health::settings::{ClusterProbes, KindName, ProbeConfig, ProbeSettings},
     maglev::{self, MaglevError},
     policy::PolicyOptions,
@@ -185,6 +198,26 @@ pub struct Config {
     pub state: DesiredState,
     /// The `probe` tables, by VIP, cluster and backend name.
     pub probes: ProbeConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// The `[metrics]` table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Where `/metrics` is served; `None`: not served.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: Some(
+                crate::metrics::DEFAULT_LISTEN
+                    .parse()
+                    .expect("the default is an address"),
+            ),
+        }
+    }
 }
 
 /// The `[node]` table: everything about this xlb node that is not a VIP.
@@ -203,6 +236,8 @@ pub struct NodeConfig {
     pub limits: Limits,
     /// `[node.policy]`, with `node.local_cluster` as its `local_cluster`.
     pub policy: PolicyOptions,
+    /// The XDP program's log level, fixed at load.
+    pub xdp_log: XdpLog,
 }
 
 impl Default for NodeConfig {
@@ -219,6 +254,7 @@ impl Default for NodeConfig {
             pin_path: DEFAULT_PIN_PATH.into(),
             limits: Limits::default(),
             policy: PolicyOptions::default(),
+            xdp_log: XdpLog::Off,
         }
     }
 }
@@ -296,6 +332,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
     let mut conv = Converter::default();
     let node = conv.node(&raw.node);
     let state = conv.vips(&raw.vip);
+    let metrics = conv.metrics(raw.metrics.as_ref());
     conv.finish(text, origin)?;
     let mut problems = problems(&node, &state);
     if let Some(local) = &node.policy.local_cluster {
@@ -324,6 +361,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         node,
         state,
         probes,
+        metrics,
     })
 }
 
@@ -427,6 +465,14 @@ struct RawConfig {
     node: Spanned<RawNode>,
     #[serde(default)]
     vip: RawVips,
+    metrics: Option<Spanned<RawMetrics>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    enabled: Option<Spanned<bool>>,
+    listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -453,6 +499,7 @@ struct RawNode {
     local_cluster: Option<Spanned<String>>,
     limits: Option<Spanned<RawLimits>>,
     policy: Option<Spanned<RawPolicy>>,
+    xdp_log: Option<Spanned<XdpLog>>,
 }
 
 #[derive(Clone, Copy, Deserialize)]
@@ -1099,6 +1146,11 @@ impl Converter {
             }
         }
 
+        if let Some(level) = &raw.xdp_log {
+            self.note("node.xdp_log", level);
+            node.xdp_log = *level.get_ref();
+        }
+
         if let Some(limits) = &raw.limits {
             let limits = limits.get_ref();
             let defaults = Limits::default();
@@ -1158,6 +1210,34 @@ impl Converter {
             }
         }
         node
+    }
+
+    fn metrics(&mut self, raw: Option<&Spanned<RawMetrics>>) -> MetricsConfig {
+        let mut metrics = MetricsConfig::default();
+        let Some(raw) = raw else {
+            return metrics;
+        };
+        self.note("metrics", raw);
+        let raw = raw.get_ref();
+        if let Some(listen) = &raw.listen {
+            self.note("metrics.listen", listen);
+            match listen.get_ref().trim().parse::<SocketAddr>() {
+                Ok(addr) => metrics.listen = Some(addr),
+                Err(_) => self.problem(
+                    listen.span(),
+                    "metrics.listen",
+                    format!(
+                        "expected ADDR:PORT such as {:?} or \"[::1]:9730\"; got {:?}",
+                        crate::metrics::DEFAULT_LISTEN,
+                        listen.get_ref()
+                    ),
+                ),
+            }
+        }
+        if raw.enabled.as_ref().is_some_and(|on| !*on.get_ref()) {
+            metrics.listen = None;
+        }
+        metrics
     }
 
     fn vips(&mut self, raw: &RawVips) -> DesiredState {
@@ -1782,6 +1862,47 @@ mod tests {
     }
 
     #[test]
+    fn metrics_and_xdp_log_are_read_and_checked() {
+        let config = parse("[node]\ninterfaces = []\n", "x.toml").unwrap();
+        assert_eq!(
+            config.metrics.listen,
+            Some("127.0.0.1:9730".parse().unwrap()),
+            "loopback by default"
+        );
+        assert_eq!(config.node.xdp_log, XdpLog::Off, "off by default");
+        let config = parse(
+            "[node]\ninterfaces = []\nxdp_log = \"debug\"\n[metrics]\nlisten = \"[::]:9100\"\n",
+            "x.toml",
+        )
+        .unwrap();
+        assert_eq!(config.metrics.listen, Some("[::]:9100".parse().unwrap()));
+        assert_eq!(config.node.xdp_log, XdpLog::Debug);
+        let off = parse(
+            "[node]\ninterfaces = []\n[metrics]\nenabled = false\n",
+            "x.toml",
+        )
+        .unwrap();
+        assert_eq!(off.metrics.listen, None);
+
+        let err = parse(
+            "[node]\ninterfaces = []\n[metrics]\nlisten = \"9100\"\n",
+            "x.toml",
+        )
+        .unwrap_err();
+        assert_eq!(
+            (err.line, err.column, err.path.as_str()),
+            (4, 10, "metrics.listen")
+        );
+        assert!(err.message.contains("expected ADDR:PORT"), "{err}");
+        let err = parse("[node]\ninterfaces = []\nxdp_log = \"loud\"\n", "x.toml").unwrap_err();
+        assert_eq!(err.line, 3, "{err}");
+        assert!(
+            err.to_string().contains("debug"),
+            "names the valid levels: {err}"
+        );
+    }
+
+    #[test]
     fn the_example_parses_with_every_field() {
         let config = parse(EXAMPLE, "xlb.example.toml").unwrap_or_else(|err| panic!("{err}"));
         let node = &config.node;
@@ -1797,6 +1918,8 @@ mod tests {
         assert_eq!(node.limits, Limits::default());
         assert_eq!(node.policy.local_cluster.as_deref(), Some("east"));
         assert_eq!(node.policy.overprovisioning, 1.4);
+        assert_eq!(node.xdp_log, XdpLog::Off);
+        assert_eq!(config.metrics, MetricsConfig::default());
 
         let web = &config.state.vips["web"];
         assert_eq!(

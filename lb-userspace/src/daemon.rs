@@ -56,9 +56,11 @@ use crate::{
     },
     config::{self, Config, ConfigError, NodeConfig},
     dataplane::{
-        AttachMode, Dataplane, DataplaneError, Role, nexthop::NextHopResolver, pinned_links,
+        AttachMode, Dataplane, DataplaneError, Role, XdpLog, XdpLogger, nexthop::NextHopResolver,
+        pinned_links,
     },
     health::{HealthBoard, ProbeConfig, ProbeTarget, Prober, prober::DEFAULT_IN_FLIGHT},
+    metrics::{self, MetricsError, MetricsServer, Stats, Telemetry},
     policy::{self, Locality, Mode, Shares},
     reconcile::{NodeOptions, Plan, PlannedBackend, PlannedVip, ReconcileError, Reconciler},
     state::{AdminState, Backend, Cluster, DesiredState, Health, Vip},
@@ -83,6 +85,8 @@ pub enum DaemonError {
     Reconcile(#[source] ReconcileError),
     #[error("control API: {0}")]
     Api(#[from] crate::api::BindError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     #[error("the reconcile loop failed: {0}")]
     Loop(String),
     #[error("{context}: {source}")]
@@ -178,8 +182,12 @@ impl StateStore for FileStore {
 
 /// `xlb run`: loads `config_path` and serves until SIGTERM or SIGINT (or
 /// `xlb detach`). Blocks; builds its own tokio runtime.
-pub fn run(config_path: &Path) -> Result<(), DaemonError> {
-    let config = config::load(config_path)?;
+/// `xdp_log`, when given, overrides the config's `node.xdp_log`.
+pub fn run(config_path: &Path, xdp_log: Option<XdpLog>) -> Result<(), DaemonError> {
+    let mut config = config::load(config_path)?;
+    if let Some(level) = xdp_log {
+        config.node.xdp_log = level;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("xlb")
@@ -227,6 +235,7 @@ pub async fn serve(
         node,
         state,
         probes,
+        metrics,
     } = config;
     let desired = match store.load(&node) {
         Ok(Some(saved)) => {
@@ -261,6 +270,11 @@ pub async fn serve(
     // First, so that a second daemon stops before it touches the maps or
     // the links of the one running.
     let listener = Listener::bind(&node.api_socket)?;
+    let telemetry = Telemetry::new();
+    let metrics_server = match metrics.listen {
+        Some(addr) => Some(MetricsServer::bind(addr, telemetry.clone()).await?),
+        None => None,
+    };
     let mut dataplane = tokio::task::block_in_place(|| open_dataplane(&node))?;
     dataplane
         .settings
@@ -305,6 +319,7 @@ pub async fn serve(
         probes,
         board: prober.board(),
         probe_targets,
+        telemetry,
     };
     // Maps before links: a fresh attach finds every VIP programmed, and a
     // restart rewrites what the pinned maps already hold.
@@ -327,6 +342,13 @@ pub async fn serve(
         }
     }
 
+    if let Some(logger) = control.dataplane.take_logger() {
+        info!(
+            "XDP log lines up to {:?} go to this log",
+            control.node.xdp_log
+        );
+        tokio::spawn(relay_xdp_log(logger));
+    }
     let (hops_tx, hops_rx) = mpsc::channel(HOP_QUEUE);
     match NextHopResolver::new().await {
         Ok(mut resolver) => {
@@ -349,6 +371,12 @@ pub async fn serve(
     info!("control API on {}", listener.path().display());
     let (calls_tx, calls_rx) = mpsc::channel(CALL_QUEUE);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let metrics_task = metrics_server.map(|server| {
+        if let Ok(addr) = server.local_addr() {
+            info!("Prometheus metrics on http://{addr}/metrics");
+        }
+        tokio::spawn(server.serve(calls_tx.clone(), stop_rx.clone()))
+    });
     let api = tokio::spawn(listener.serve(calls_tx, stop_rx.clone()));
     tokio::spawn(prober.run(probe_targets_rx, health_tx));
     let mut control_loop = tokio::spawn(control.run(calls_rx, hops_rx, health_rx, stop_rx));
@@ -359,6 +387,9 @@ pub async fn serve(
     };
     let _ = stop_tx.send(true);
     let _ = api.await;
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     let ended = match ended {
         Some(ended) => ended,
         None => control_loop.await,
@@ -375,10 +406,39 @@ pub async fn serve(
     Ok(())
 }
 
+/// Relays the XDP programs' log records into this process's log as they
+/// come (the ring buffer's descriptor turns readable).
+async fn relay_xdp_log(logger: XdpLogger) {
+    // SAFETY: the descriptor is the logger's ring buffer, which the AsyncFd
+    // owns (and deregisters before closing) for as long as it is registered.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(err) => {
+            warn!("the XDP log cannot be read: {err}");
+            return;
+        }
+    };
+    loop {
+        match fd.readable_mut().await {
+            Ok(mut ready) => {
+                ready.get_inner_mut().flush();
+                ready.clear_ready();
+            }
+            Err(err) => {
+                warn!("the XDP log stopped: {err}");
+                return;
+            }
+        }
+    }
+}
+
 /// The data plane, reusing what a previous run pinned at `node.pin_path`.
 fn open_dataplane(node: &NodeConfig) -> Result<Dataplane, DaemonError> {
-    let dataplane =
-        Dataplane::load_pinned(node.limits, &node.pin_path).map_err(dp_err(format!(
+    let dataplane = Dataplane::load_pinned_with_log(node.limits, &node.pin_path, node.xdp_log)
+        .map_err(dp_err(format!(
             "loading the data plane (pinned at {})",
             node.pin_path.display()
         )))?;
@@ -567,6 +627,7 @@ struct Control {
     probes: ProbeConfig,
     board: Arc<HealthBoard>,
     probe_targets: watch::Sender<BTreeSet<ProbeTarget>>,
+    telemetry: Telemetry,
 }
 
 enum End {
@@ -638,6 +699,7 @@ impl Control {
             .and_then(|plan| self.write(plan));
         match result {
             Ok(mut report) => {
+                self.telemetry.reconciled(started.elapsed());
                 report.micros = started.elapsed().as_micros() as u64;
                 info!("reconciled ({why}): {report}");
                 self.desired = next;
@@ -645,8 +707,12 @@ impl Control {
                 self.probe_desired();
                 Ok(report)
             }
-            Err(err) if !restore => Err(err),
+            Err(err) if !restore => {
+                self.telemetry.reconcile_failed();
+                Err(err)
+            }
             Err(err) => {
+                self.telemetry.reconcile_failed();
                 error!("reconcile ({why}) failed: {err}");
                 // Forget the failed plan's ids and rewrite what was there.
                 let previous = self.desired.clone();
@@ -688,7 +754,10 @@ impl Control {
         let before = std::mem::replace(&mut self.health, health);
         let desired = self.desired.clone();
         match self.reconcile_to(desired, "health changed", true) {
-            Ok(_) => self.board.maps_updated(decided, Instant::now()),
+            Ok(_) => {
+                self.board.maps_updated(decided, Instant::now());
+                self.telemetry.health_changed(&before, &self.health);
+            }
             // Keep what is programmed and try again on the next change.
             Err(_) => self.health = before,
         }
@@ -761,6 +830,9 @@ impl Control {
             },
             Request::Status => Response::Status {
                 status: Box::new(self.status()),
+            },
+            Request::Stats => Response::Stats {
+                stats: Box::new(self.stats()),
             },
             Request::Attach { interface, mode } => self.attach(&interface, mode.into()),
             Request::Detach {
@@ -998,6 +1070,29 @@ impl Control {
         }
     }
 
+    fn stats(&self) -> Stats {
+        Stats::collect(metrics::Sources {
+            views: self.vip_views(),
+            counters: &self.dataplane.counters,
+            conntrack: &self.dataplane.conntrack,
+            health: &self.health,
+            attachments: self.balancer_attachments(),
+            last_reconcile_micros: self.last.map(|r| r.micros),
+            telemetry: &self.telemetry,
+        })
+    }
+
+    fn balancer_attachments(&self) -> Vec<AttachmentView> {
+        self.dataplane
+            .attachments()
+            .filter(|(role, _, _)| *role == Role::Balancer)
+            .map(|(_, interface, mode)| AttachmentView {
+                interface: interface.to_owned(),
+                mode: mode.into(),
+            })
+            .collect()
+    }
+
     fn status(&self) -> Status {
         let counters = Counter::ALL
             .iter()
@@ -1215,6 +1310,7 @@ pub fn apply_change(state: &mut DesiredState, request: &Request) -> Result<Strin
         | Request::ClusterList { .. }
         | Request::BackendList { .. }
         | Request::Status
+        | Request::Stats
         | Request::Attach { .. }
         | Request::Detach { .. } => Err(format!("{request:?} changes no desired state")),
     }

@@ -9,6 +9,8 @@ pub mod dataplane;
 pub mod demo;
 pub mod health;
 pub mod maglev;
+pub mod metrics;
+pub mod monitor;
 pub mod policy;
 pub mod reconcile;
 pub mod state;

@@ -16,7 +16,11 @@ pub const BPF_LINKER_VERSION: &str = "0.10.3";
 /// Debian packages the build or the tests need. Add names here: `setup` runs
 /// `apt-get update` once and installs only the ones `dpkg-query` reports
 /// missing.
-pub const DEBIAN_PACKAGES: &[&str] = &[];
+pub const DEBIAN_PACKAGES: &[&str] = &[
+    // promtool and the Prometheus server: the metrics tests check /metrics
+    // with `promtool check metrics` and scrape it with a real Prometheus.
+    "prometheus",
+];
 
 const BPFFS: &str = "/sys/fs/bpf";
 

@@ -1,7 +1,9 @@
 //! Floor programs for the data-plane benchmark: what the balancer's cost is
 //! measured against in the same run. `floor_drop` is the fixed cost of a
 //! test run; `floor_tx` parses Ethernet, IPv4 and TCP, swaps the MACs and
-//! bounces the frame, the least any forwarding XDP program does.
+//! bounces the frame, the least any forwarding XDP program does;
+//! `floor_tx_log` is `floor_tx` with a log statement, for the cost of
+//! logging that is compiled in but off.
 #![no_std]
 #![no_main]
 
@@ -19,6 +21,16 @@ pub fn floor_drop(_ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn floor_tx(ctx: XdpContext) -> u32 {
     parse_and_bounce(&ctx).unwrap_or(xdp_action::XDP_PASS)
+}
+
+/// `floor_tx` with one aya-log statement per packet: loaded with logging
+/// off, the benchmark finds it costs what `floor_tx` costs, which shows the
+/// verifier prunes a disabled log statement.
+#[xdp]
+pub fn floor_tx_log(ctx: XdpContext) -> u32 {
+    let action = parse_and_bounce(&ctx).unwrap_or(xdp_action::XDP_PASS);
+    aya_log_ebpf::debug!(&ctx, "floor_tx_log: action {}", action);
+    action
 }
 
 #[inline(always)]

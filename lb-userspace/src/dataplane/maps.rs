@@ -600,6 +600,54 @@ impl ConnTable {
     }
 }
 
+/// How full the connection table is, counted in some of its sets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnOccupancy {
+    /// Ways holding a flow in the sets read.
+    pub used: u64,
+    pub sampled_sets: u32,
+    pub sets: u32,
+    pub capacity: u64,
+}
+
+impl ConnOccupancy {
+    /// `used` scaled from the sets read to the whole table (exact when
+    /// every set was read).
+    pub fn estimate(&self) -> u64 {
+        if self.sampled_sets == 0 {
+            return 0;
+        }
+        self.used * u64::from(self.sets) / u64::from(self.sampled_sets)
+    }
+}
+
+impl ConnTable {
+    /// Counts the flows in at most `max_sets` sets spread evenly over the
+    /// table (every set when it has no more): one lookup per set, so that
+    /// a scrape costs the same for a table of any size. Flows hash
+    /// uniformly over the sets, which makes the scaled count a fair
+    /// estimate of the whole table's.
+    pub fn occupancy(&self, max_sets: u32) -> Result<ConnOccupancy, DataplaneError> {
+        let sets = self.geometry.sets;
+        let sampled = sets.min(max_sets.max(1));
+        let stride = sets / sampled;
+        let mut used = 0;
+        for k in 0..sampled {
+            let set = self
+                .sets
+                .get(&(k * stride), 0)
+                .map_err(DataplaneError::map(map_names::CONNTRACK))?;
+            used += set.ways.iter().filter(|e| e.fingerprint != 0).count() as u64;
+        }
+        Ok(ConnOccupancy {
+            used,
+            sampled_sets: sampled,
+            sets,
+            capacity: self.geometry.capacity(),
+        })
+    }
+}
+
 /// Reads the per-CPU counters, summed over CPUs.
 pub struct CounterReader {
     counters: PerCpuArray<MapData, u64>,

@@ -84,6 +84,8 @@ const START_FRESH: &str = "run `xlb detach` to remove the pinned maps and links 
 pub enum DataplaneError {
     #[error("loading the XDP object: {0}")]
     Load(#[source] Box<aya::EbpfError>),
+    #[error("reading the XDP programs' log: {0}")]
+    Logger(#[source] aya_log::Error),
     #[error("program {name}: {source}")]
     Program {
         name: &'static str,
@@ -260,6 +262,35 @@ enum Held {
     Pinned(PathBuf),
 }
 
+/// How much the XDP programs log (aya-log), fixed when they are loaded:
+/// the most detailed level that is on. The value is the program's
+/// `AYA_LOG_LEVEL` global (aya-log's level numbers, 0 for none), a
+/// read-only constant the verifier sees, so statements above it are dead
+/// code it removes: off costs nothing per packet.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    serde::Deserialize,
+    serde::Serialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpLog {
+    #[default]
+    Off = 0,
+    Error = 1,
+    Warn = 2,
+    Info = 3,
+    Debug = 4,
+    Trace = 5,
+}
+
 /// The loaded object and the owners of its maps.
 pub struct Dataplane {
     ebpf: Ebpf,
@@ -275,6 +306,35 @@ pub struct Dataplane {
     pub tx_ports: TxPorts,
     pub decap: DecapTable,
     pub counters: CounterReader,
+    logger: Option<XdpLogger>,
+}
+
+/// Reads the XDP programs' log records (a ring buffer) into `log`.
+pub type XdpLogger = aya_log::EbpfLogger<XdpLogRelay>;
+
+/// Hands the XDP programs' records to this process's logger at info level,
+/// target `xdp`, their own level leading the text: they were asked for
+/// (`xdp_log`), so the process's own level filter should not hide them.
+pub struct XdpLogRelay;
+
+impl log::Log for XdpLogRelay {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        log::logger().log(
+            &log::Record::builder()
+                .args(format_args!("{} {}", record.level(), record.args()))
+                .level(log::Level::Info)
+                .target("xdp")
+                .build(),
+        );
+    }
+
+    fn flush(&self) {
+        log::logger().flush();
+    }
 }
 
 impl Dataplane {
@@ -282,7 +342,7 @@ impl Dataplane {
     /// given map sizes, and takes ownership of every map. Nothing is pinned:
     /// the maps, and the programs on the interfaces, go with this value.
     pub fn load(limits: Limits) -> Result<Self, DataplaneError> {
-        Self::load_with(limits, None)
+        Self::load_with(limits, None, XdpLog::Off)
     }
 
     /// Loads both programs with every map pinned in `pin_dir` (created if
@@ -306,10 +366,31 @@ impl Dataplane {
     /// a pinned link replaces the program inside it; [`pinned_links`] lists
     /// them.
     pub fn load_pinned(limits: Limits, pin_dir: &Path) -> Result<Self, DataplaneError> {
-        Self::load_with(limits, Some(pin_dir))
+        Self::load_with(limits, Some(pin_dir), XdpLog::Off)
     }
 
-    fn load_with(limits: Limits, pin_dir: Option<&Path>) -> Result<Self, DataplaneError> {
+    /// [`Dataplane::load_pinned`] with the programs' log lines on up to
+    /// `log`: [`Dataplane::take_logger`] then gives the reader that relays
+    /// them to this process's `log` output.
+    pub fn load_pinned_with_log(
+        limits: Limits,
+        pin_dir: &Path,
+        log: XdpLog,
+    ) -> Result<Self, DataplaneError> {
+        Self::load_with(limits, Some(pin_dir), log)
+    }
+
+    /// The reader of the programs' log records, once; `None` when logging
+    /// is off (nothing to read) or it was taken already.
+    pub fn take_logger(&mut self) -> Option<XdpLogger> {
+        self.logger.take()
+    }
+
+    fn load_with(
+        limits: Limits,
+        pin_dir: Option<&Path>,
+        log: XdpLog,
+    ) -> Result<Self, DataplaneError> {
         for (what, value) in [
             ("max_vips", limits.max_vips),
             ("max_backends", limits.max_backends),
@@ -335,7 +416,11 @@ impl Dataplane {
                 }
             }
         }
+        let log_level = log as u8;
         let mut loader = EbpfLoader::new();
+        // Must exist: a build without aya-log would otherwise log nothing
+        // without a word.
+        loader.override_global(aya_log::LEVEL, &log_level, true);
         for spec in &specs {
             if spec.limit.is_some() {
                 loader.map_max_entries(spec.name, spec.entries);
@@ -347,6 +432,13 @@ impl Dataplane {
         let mut ebpf = loader
             .load(XDP_OBJECT)
             .map_err(|err| DataplaneError::Load(Box::new(err)))?;
+        let logger = match log {
+            XdpLog::Off => None,
+            _ => Some(
+                aya_log::EbpfLogger::init_with_logger(&mut ebpf, XdpLogRelay)
+                    .map_err(DataplaneError::Logger)?,
+            ),
+        };
         if let Some(dir) = pin_dir {
             // Maps created just now must match too: this checks the table
             // in `map_specs` against the object.
@@ -385,6 +477,7 @@ impl Dataplane {
             decap: DecapTable::new(&mut ebpf)?,
             counters: CounterReader::new(&mut ebpf)?,
             links: BTreeMap::new(),
+            logger,
             pin_dir: pin_dir.map(Path::to_owned),
             reused_maps,
             ebpf,
