@@ -19,6 +19,7 @@ use crate::{
     config::DEFAULT_API_SOCKET,
     daemon,
     demo::{self, Cancel, DemoError, DemoOptions, MAX_BACKENDS_PER_CLUSTER},
+    doctor,
 };
 
 /// Exit status after an interruption (SIGINT, SIGTERM, SIGHUP): 128 + SIGINT,
@@ -72,10 +73,15 @@ enum Command {
     /// Take the balancer off an interface; without one, off every
     /// interface, removing its pinned maps and links, and stop the daemon
     Detach(DetachArgs),
-    /// Build a small two-cluster site in network namespaces, send real TCP
-    /// connections through the balancer, fail a backend, show what happened.
+    /// Build a small active-active site in network namespaces (two xlb
+    /// nodes behind ECMP, two clusters), send real TCP connections through
+    /// it, fail a backend and a cluster, show what happened.
     #[command(long_about = DEMO_ABOUT)]
     Demo(DemoArgs),
+    /// Check this host's settings for direct server return (as an xlb node
+    /// or a backend) and print the command that fixes each problem
+    #[command(long_about = DOCTOR_ABOUT)]
+    Doctor(DoctorArgs),
 }
 
 const RUN_ABOUT: &str = "\
@@ -239,6 +245,45 @@ Needs root and a kernel with XDP on veth (Linux 5.9 or later).
 Exit status: 0 on success, 1 on any error or failed check, 2 on bad usage,
 130 when interrupted before the end (with --keep, Ctrl-C is the normal end: 0).";
 
+const DOCTOR_ABOUT: &str = "\
+Check this host's settings for direct server return and print, for each
+problem, what is wrong and the exact command that fixes it. Nothing is changed.
+
+On a backend (--role backend): a decapsulator (xlb's decap program, or the
+kernel's tunl0 up), every VIP on lo, arp_ignore >= 1 and arp_announce = 2 on
+the interfaces, rp_filter not strict, and an MTU that fits a client's packet
+plus the outer header (or routes with a small enough advmss).
+
+On an xlb node (--role node --config xlb.toml): the balancer attached to each
+of node.interfaces and its mode, forwarding on them, and for every backend of
+the config a route, a resolved neighbour (MAC) and an MTU toward it that fits
+the encapsulated packet.
+
+Without --role, the role is guessed: node if --config is given or the
+balancer is attached here, backend if the decap program is attached or lo
+holds an address other than loopback.
+
+Runs in the current network namespace (`ip netns exec NS xlb doctor ...`).
+Exit status: 0 when no problem was found (warnings allowed), 1 otherwise.";
+
+#[derive(Debug, Args)]
+struct DoctorArgs {
+    /// What this host is [default: detected]
+    #[arg(long, value_enum)]
+    role: Option<doctor::HostRole>,
+    /// The node's config: which interfaces and backends to check
+    #[arg(long, short, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// A VIP this backend serves (repeat for several) [default: the
+    /// addresses on lo]
+    #[arg(long, value_name = "ADDR")]
+    vip: Vec<IpAddr>,
+    /// The largest packet clients send, for the MTU/MSS check
+    #[arg(long, value_name = "BYTES", default_value_t = doctor::DEFAULT_CLIENT_MTU,
+          value_parser = clap::value_parser!(u32).range(576..=65000))]
+    client_mtu: u32,
+}
+
 #[derive(Debug, Args)]
 struct DemoArgs {
     /// Backends in each of the two clusters
@@ -298,6 +343,7 @@ fn one_line(err: &anyhow::Error) -> String {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let request = match cli.command {
         Command::Demo(args) => return demo_command(args),
+        Command::Doctor(args) => return doctor_command(args),
         Command::Run(args) => {
             daemon::run(&args.config)?;
             return Ok(ExitCode::SUCCESS);
@@ -478,9 +524,10 @@ fn backend_request(command: BackendCommand) -> Request {
 
 fn demo_command(args: DemoArgs) -> anyhow::Result<ExitCode> {
     // Refused before anything else, so the reason is the first thing said.
-    demo::check_root()?;
+    demo::check_prerequisites()?;
     let cancel = Cancel::on_signals()?;
     let result = demo::run(DemoOptions {
+        xlb: std::env::current_exe()?,
         backends_per_cluster: usize::from(args.backends),
         connections: args.connections as usize,
         keep: args.keep,
@@ -494,6 +541,21 @@ fn demo_command(args: DemoArgs) -> anyhow::Result<ExitCode> {
         }
         Err(err) => Err(err.into()),
     }
+}
+
+fn doctor_command(args: DoctorArgs) -> anyhow::Result<ExitCode> {
+    let report = doctor::diagnose(&doctor::DoctorOptions {
+        role: args.role,
+        config: args.config,
+        vips: args.vip,
+        client_mtu: Some(args.client_mtu),
+    })?;
+    print!("{report}");
+    Ok(if report.healthy() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 // ---------------------------------------------------------------------------
