@@ -283,7 +283,8 @@ pub fn check_backend(
         }
     }
 
-    if vips.iter().any(IpAddr::is_ipv4) {
+    // Without a known VIP, the IPv4 settings are checked all the same.
+    if vips.is_empty() || vips.iter().any(IpAddr::is_ipv4) {
         for link in &fabric {
             let dev = &link.name;
             // The kernel applies the larger of `all` and the device's value.
