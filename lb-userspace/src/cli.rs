@@ -220,27 +220,33 @@ struct DetachArgs {
 }
 
 const DEMO_ABOUT: &str = "\
-Build a small site in network namespaces and send real traffic through xlb.
+Build a small active-active site in network namespaces and send real traffic
+through xlb.
 
 The site, all on one L2 fabric (a bridge) and on 198.18.0.0/15 addresses only:
-  - a client, which routes the VIP 198.18.100.1 via the xlb node;
-  - one xlb node, running the balancer in native XDP on its interface: it
-    looks the VIP up, picks a backend from a Maglev ring, encapsulates the
-    packet in IPIP and sends it to the backend;
-  - two clusters, east and west, of backends: each strips the outer header
-    with xlb's decap program, holds the VIP on lo and answers every TCP
-    connection on port 80 with \"backend <name> cluster <cluster>\" (an HTTP
+  - a client, which reaches the VIP 198.18.100.1 over an ECMP route through
+    both xlb nodes, hashed on the 5-tuple (fib_multipath_hash_policy = 1);
+  - two xlb nodes, xlb1 and xlb2, each running this binary's `xlb run` with a
+    generated config (TCP VIP on port 80, UDP VIP on port 53), the balancer in
+    native XDP: it picks a backend from the Maglev ring (the same on both
+    nodes), encapsulates the packet in IPIP and sends it to the backend;
+  - two clusters, east and west, of --backends backends each: each strips the
+    outer header with xlb's decap program, holds the VIP on lo and answers
+    every TCP connection with \"backend <name> cluster <cluster>\" (an HTTP
     response if asked in HTTP), directly to the client (direct server return).
 
-The demo opens --connections connections from the client and shows how they
-spread over clusters and backends, checks that every reply came straight from
-the backend, then fails one backend (its server stops, it is marked down and
-the ring is rebuilt without it) and runs the connections again. With --keep it
-stays up afterwards and prints commands (curl, nc, ip) to try against it.
+The demo opens --connections connections per round and shows how they spread
+over nodes, clusters and backends, checks that every reply came straight from
+its backend and that the nodes forwarded exactly what the client sent, then
+fails one backend, then a whole cluster, and brings them back, a round after
+each step. A failure is detected by the demo itself (it stops the server and
+drains the backend on both daemons). With --keep it stays up afterwards and
+prints commands (curl, xlb status against each node's socket, ...) to try.
 
 Everything it creates is removed on exit, Ctrl-C included.
 
-Needs root and a kernel with XDP on veth (Linux 5.9 or later).
+Needs root, iproute2, and a kernel with XDP on veth (Linux 5.9 or later), BTF
+and multipath routing; without one of them it refuses, saying which.
 
 Exit status: 0 on success, 1 on any error or failed check, 2 on bad usage,
 130 when interrupted before the end (with --keep, Ctrl-C is the normal end: 0).";
