@@ -10,7 +10,10 @@
 //! 5-tuple (`fib_multipath_hash_policy = 1`), so both nodes serve at once.
 //! Each backend holds the VIP on `lo`, strips the IPIP header with xlb's
 //! decap program and answers with one line saying who it is, straight to
-//! the client (direct server return). The settings direct server return
+//! the client (direct server return). Every host also has an IPv6 address:
+//! the VIPs [`WEB6`] (IPv6) and [`WEB46`] (IPv4, port 81) are served by the
+//! backends' IPv6 addresses, UDP port 53 of the IPv4 VIP by their IPv4 ones.
+//! The settings direct server return
 //! needs on veth (see ENVIRONMENT.md) are all made here: MTU 1600 on the
 //! encapsulating hops, tx checksum offload off on the client, forwarding on
 //! in the nodes, an XDP program on the bridge ports that receive the nodes'
@@ -28,7 +31,8 @@ use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::mem::{size_of, zeroed};
 use std::net::{
-    IpAddr, Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket,
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener,
+    TcpStream, UdpSocket,
 };
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt as _;
@@ -53,12 +57,51 @@ pub const UDP_PORT: u16 = 53;
 /// The daemons' names of the two VIPs.
 pub const TCP_VIP_NAME: &str = "web";
 pub const UDP_VIP_NAME: &str = "echo";
+/// The IPv6 VIP, served by the backends' IPv6 addresses.
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1);
+/// The port of the IPv4 VIP that the backends' IPv6 addresses serve.
+pub const MIXED_PORT: u16 = 81;
+
+/// A TCP service of the site: its VIP's name in the daemons and where the
+/// client reaches it.
+#[derive(Clone, Copy, Debug)]
+pub struct Service {
+    pub name: &'static str,
+    pub addr: SocketAddr,
+}
+
+/// IPv4 VIP, IPv4 backends (IPIP).
+pub const WEB: Service = Service {
+    name: TCP_VIP_NAME,
+    addr: SocketAddr::V4(SocketAddrV4::new(VIP, VIP_PORT)),
+};
+/// IPv6 VIP, IPv6 backends (IPv6 in IPv6).
+pub const WEB6: Service = Service {
+    name: "web6",
+    addr: SocketAddr::V6(SocketAddrV6::new(VIP6, VIP_PORT, 0, 0)),
+};
+/// IPv4 VIP, IPv6 backends (IPv4 in IPv6).
+pub const WEB46: Service = Service {
+    name: "web46",
+    addr: SocketAddr::V4(SocketAddrV4::new(VIP, MIXED_PORT)),
+};
+const TCP_SERVICES: [Service; 3] = [WEB, WEB6, WEB46];
+
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const CLIENT_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
 /// The xlb nodes: namespace names and fabric addresses.
 pub const NODES: [(&str, Ipv4Addr); 2] = [
     ("xlb1", Ipv4Addr::new(198, 18, 0, 3)),
     ("xlb2", Ipv4Addr::new(198, 18, 0, 4)),
 ];
+/// The nodes' IPv6 addresses, in the order of [`NODES`].
+pub const NODES_V6: [Ipv6Addr; 2] = [
+    Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 3),
+    Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 4),
+];
+/// The fabric's IPv6 subnet, fd00::/64; cluster k's backends at
+/// fd00::(k+1):(i+1).
+const FABRIC_PREFIX_LEN6: u8 = 64;
 /// The fabric's subnet, 198.18.0.0/22: client and nodes in 198.18.0.0/24,
 /// cluster k's backends in 198.18.(k+1).0/24. The VIP lies outside it.
 const FABRIC_PREFIX_LEN: u8 = 22;
@@ -67,7 +110,7 @@ pub const MAX_BACKENDS_PER_CLUSTER: usize = 250;
 /// Maglev ring size of each VIP: a prime well above 100 times the backends.
 pub const RING_SIZE: u32 = 65537;
 /// MTU of every link an encapsulated packet crosses: room for the 20-byte
-/// outer IPv4 header on top of the client's 1500.
+/// outer IPv4 header (or 40-byte IPv6 one) on top of the client's 1500.
 pub const FABRIC_MTU: u32 = 1600;
 /// Every host's interface to the fabric.
 const DEV: &str = "eth0";
@@ -91,11 +134,11 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a round waits for its last segments (FIN, ACK) to be counted.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Map sizes of the xlb nodes (two VIPs).
+/// Map sizes of the xlb nodes (four VIPs).
 const NODE_LIMITS: Limits = Limits {
-    max_vips: 4,
-    max_backends: 1024,
-    ring_capacity: 2 * RING_SIZE,
+    max_vips: 8,
+    max_backends: 2048,
+    ring_capacity: 4 * RING_SIZE,
     conntrack_size: 1 << 16,
 };
 /// Map sizes of a host that only decapsulates (or passes frames through):
@@ -375,6 +418,8 @@ pub struct SiteBackend {
     pub name: String,
     pub cluster: &'static str,
     pub addr: Ipv4Addr,
+    /// Its IPv6 address: the VIPs [`WEB6`] and [`WEB46`] use it.
+    pub addr6: Ipv6Addr,
     /// MAC of its interface to the fabric: the source of its replies.
     pub mac: [u8; 6],
     pub host: Host,
@@ -572,13 +617,13 @@ impl SiteNode {
 
     /// Waits until the node's kernel knows the MAC of every address in
     /// `addrs`: the daemon's next-hop resolver asks for them at start.
-    fn wait_for_neighbours(&self, addrs: &[Ipv4Addr], cancel: &Cancel) -> Result<(), DemoError> {
+    fn wait_for_neighbours(&self, addrs: &[IpAddr], cancel: &Cancel) -> Result<(), DemoError> {
         let deadline = Instant::now() + RESOLVE_TIMEOUT;
         loop {
             cancel.check()?;
             let out = self
                 .host
-                .ip(["-4", "neigh", "show", "dev", DEV])
+                .ip(["neigh", "show", "dev", DEV])
                 .context(format!("listing {}'s neighbours", self.name))?;
             let text = String::from_utf8_lossy(&out.stdout);
             let missing: Vec<String> = addrs
@@ -696,6 +741,8 @@ pub struct ConnectionResult {
 /// The result of [`Site::connect`].
 #[derive(Clone, Debug)]
 pub struct Round {
+    /// The VIP's name in the daemons.
+    pub service: &'static str,
     pub connections: Vec<ConnectionResult>,
     /// TCP segments the client sent to the VIP, seen on its interface.
     pub client_segments_to_vip: u64,
@@ -887,13 +934,17 @@ pub struct Site {
     scratch: Scratch,
 }
 
-fn cidr(addr: Ipv4Addr, len: u8) -> String {
+fn cidr(addr: impl Into<IpAddr>, len: u8) -> String {
+    let addr = addr.into();
     format!("{addr}/{len}")
 }
 
-/// The `i`th (from 0) backend address of cluster `c`.
-fn backend_addr(c: usize, i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(198, 18, c as u8 + 1, i as u8 + 1)
+/// The `i`th (from 0) backend addresses of cluster `c`.
+fn backend_addrs(c: usize, i: usize) -> (Ipv4Addr, Ipv6Addr) {
+    (
+        Ipv4Addr::new(198, 18, c as u8 + 1, i as u8 + 1),
+        Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, c as u16 + 1, i as u16 + 1),
+    )
 }
 
 impl Site {
@@ -936,6 +987,16 @@ impl Site {
         client
             .add_route(&cidr(VIP, 32), &gateways)
             .context("routing the VIP over both xlb nodes")?;
+        client
+            .add_addr(&client_link.a.name, &cidr(CLIENT_ADDR6, FABRIC_PREFIX_LEN6))
+            .context("giving the client its IPv6 address")?;
+        client
+            .sysctl("net.ipv6.fib_multipath_hash_policy", "1")
+            .context("hashing the client's IPv6 ECMP route on the 5-tuple")?;
+        let gateways6: Vec<IpAddr> = NODES_V6.iter().map(|a| IpAddr::V6(*a)).collect();
+        client
+            .add_route(&cidr(VIP6, 128), &gateways6)
+            .context("routing the IPv6 VIP over both xlb nodes")?;
         cancel.check()?;
 
         let mut backends = Vec::with_capacity(2 * n);
@@ -949,13 +1010,13 @@ impl Site {
         let bpffs = scratch.bpffs.clone().unwrap_or_default();
         let mut nodes = Vec::new();
         let mut fabric_pass = Vec::new();
-        for (name, addr) in NODES {
+        for ((name, addr), addr6) in NODES.into_iter().zip(NODES_V6) {
             cancel.check()?;
             let (node, pass) = build_node(
                 &topology,
                 &fabric,
                 name,
-                addr,
+                (addr, addr6),
                 &scratch.dir,
                 &bpffs,
                 &node_vips(&backends),
@@ -989,7 +1050,11 @@ impl Site {
         let (xlb, cancel) = (self.xlb.clone(), self.cancel.clone());
         self.node_mut(k)?.start(&xlb, &cancel)?;
         self.pids.extend(self.nodes[k].daemon_pid());
-        let addrs: Vec<Ipv4Addr> = self.backends.iter().map(|b| b.addr).collect();
+        let addrs: Vec<IpAddr> = self
+            .backends
+            .iter()
+            .flat_map(|b| [IpAddr::V4(b.addr), IpAddr::V6(b.addr6)])
+            .collect();
         self.nodes[k].wait_for_neighbours(&addrs, &self.cancel)
     }
 
@@ -1093,9 +1158,14 @@ impl Site {
     /// client's interface to see which node carried each connection and
     /// where replies came from.
     pub fn connect(&self, count: usize) -> Result<Round, DemoError> {
+        self.connect_to(WEB, count)
+    }
+
+    /// [`Site::connect`] to any of the TCP services.
+    pub fn connect_to(&self, service: Service, count: usize) -> Result<Round, DemoError> {
         let capture = PacketCapture::open(&self.client, &self.client_if.name)?;
         let before = self.counters()?;
-        let vip = SocketAddr::V4(self.vip());
+        let vip = service.addr;
         let cancel = self.cancel.clone();
         let results = self
             .client
@@ -1120,15 +1190,15 @@ impl Site {
             frames.extend(capture.frames().context("reading the client capture")?);
             sent = frames
                 .iter()
-                .filter_map(|f| f.tcp4().filter(|_| f.outgoing))
-                .filter(|t| t.dst == VIP && t.dport == VIP_PORT)
+                .filter_map(|f| f.tcp().filter(|_| f.outgoing))
+                .filter(|t| t.dst == vip.ip() && t.dport == vip.port())
                 .count() as u64;
             let now = self.counters()?;
             nodes = now
                 .iter()
                 .map(|(name, c)| (*name, c.since(&before[name])))
                 .collect::<BTreeMap<_, _>>();
-            let forwarded = NodeCounters::sum(nodes.values()).vip(TCP_VIP_NAME);
+            let forwarded = NodeCounters::sum(nodes.values()).vip(service.name);
             if forwarded >= sent || Instant::now() >= deadline {
                 break;
             }
@@ -1141,8 +1211,8 @@ impl Site {
         for tcp in frames
             .iter()
             .filter(|f| f.outgoing)
-            .filter_map(Frame::tcp4)
-            .filter(|t| t.dst == VIP && t.dport == VIP_PORT)
+            .filter_map(Frame::tcp)
+            .filter(|t| t.dst == vip.ip() && t.dport == vip.port())
         {
             if let Some(node) = node_of_mac.get(&tcp.dmac) {
                 carried_by.insert(tcp.sport, node);
@@ -1153,8 +1223,8 @@ impl Site {
         for tcp in frames
             .iter()
             .filter(|f| !f.outgoing)
-            .filter_map(Frame::tcp4)
-            .filter(|t| t.src == VIP && t.sport == VIP_PORT)
+            .filter_map(Frame::tcp)
+            .filter(|t| t.src == vip.ip() && t.sport == vip.port())
         {
             macs.entry(tcp.dport).or_default().insert(tcp.smac);
             if node_of_mac.contains_key(&tcp.smac) {
@@ -1183,6 +1253,7 @@ impl Site {
             })
             .collect();
         Ok(Round {
+            service: service.name,
             connections,
             client_segments_to_vip: sent,
             replies_via_node,
@@ -1315,7 +1386,8 @@ impl Site {
     fn tell_health(&self, cluster: &str, name: &str, up: bool) -> Result<usize, DemoError> {
         let (cluster, name) = (cluster.to_owned(), name.to_owned());
         let mut moved = None;
-        for vip_name in [TCP_VIP_NAME, UDP_VIP_NAME] {
+        let names = TCP_SERVICES.map(|s| s.name);
+        for vip_name in names.into_iter().chain([UDP_VIP_NAME]) {
             let request = if up {
                 Request::BackendUndrain {
                     vip: vip_name.into(),
@@ -1450,22 +1522,43 @@ impl Site {
     }
 }
 
-/// The two VIPs' `[vip]` tables: TCP on port 80 and UDP on port 53 of the
-/// same address, both over every backend of both clusters.
+/// The VIPs' `[vip]` tables, each over every backend of both clusters: TCP
+/// on port 80 and UDP on port 53 of the IPv4 VIP by the backends' IPv4
+/// addresses; TCP on port 80 of the IPv6 VIP and on port 81 of the IPv4 VIP
+/// by their IPv6 addresses.
 fn node_vips(backends: &[SiteBackend]) -> String {
     let mut s = String::new();
-    for (name, port, proto) in [
-        (TCP_VIP_NAME, VIP_PORT, "tcp"),
-        (UDP_VIP_NAME, UDP_PORT, "udp"),
-    ] {
+    let vips = [
+        (WEB.name, WEB.addr, "tcp", false),
+        (
+            UDP_VIP_NAME,
+            SocketAddr::from((VIP, UDP_PORT)),
+            "udp",
+            false,
+        ),
+        (WEB6.name, WEB6.addr, "tcp", true),
+        (WEB46.name, WEB46.addr, "tcp", true),
+    ];
+    for (name, addr, proto, v6_backends) in vips {
         let _ = writeln!(
             s,
-            "\n[vip.{name}]\naddr = \"{VIP}\"\nport = {port}\nproto = \"{proto}\"\nring_size = {RING_SIZE}"
+            "\n[vip.{name}]\naddr = \"{}\"\nport = {}\nproto = \"{proto}\"\nring_size = {RING_SIZE}",
+            addr.ip(),
+            addr.port()
         );
         for cluster in CLUSTERS {
             let _ = writeln!(s, "\n[vip.{name}.cluster.{cluster}]");
             for b in backends.iter().filter(|b| b.cluster == cluster) {
-                let _ = writeln!(s, "backend.{} = {{ addr = \"{}\" }}", b.name, b.addr);
+                let _ = writeln!(
+                    s,
+                    "backend.{} = {{ addr = \"{}\" }}",
+                    b.name,
+                    if v6_backends {
+                        IpAddr::V6(b.addr6)
+                    } else {
+                        IpAddr::V4(b.addr)
+                    }
+                );
             }
         }
     }
@@ -1480,7 +1573,7 @@ fn build_node(
     topology: &Topology,
     fabric: &Bridge,
     name: &'static str,
-    addr: Ipv4Addr,
+    (addr, addr6): (Ipv4Addr, Ipv6Addr),
     scratch: &Path,
     bpffs: &Path,
     vips: &str,
@@ -1495,12 +1588,15 @@ fn build_node(
             fabric,
             LinkOpts::new()
                 .addr_a(cidr(addr, FABRIC_PREFIX_LEN))
+                .addr_a(cidr(addr6, FABRIC_PREFIX_LEN6))
                 .mtu(FABRIC_MTU),
         )
         .context(format!("linking {name} to the fabric"))?;
     for key in [
         "net.ipv4.ip_forward".to_owned(),
         format!("net.ipv4.conf.{DEV}.forwarding"),
+        "net.ipv6.conf.all.forwarding".to_owned(),
+        format!("net.ipv6.conf.{DEV}.forwarding"),
     ] {
         host.sysctl(&key, "1")
             .context(format!("turning forwarding on in {name}"))?;
@@ -1508,7 +1604,7 @@ fn build_node(
     // The node's XDP_TX frames land on this bridge port; a veth drops XDP
     // frames unless its receiving end has an XDP program. The decap program
     // with no tunnel endpoints passes every frame.
-    let pass = load_decap(fabric.host(), &link.b.name, None)
+    let pass = load_decap(fabric.host(), &link.b.name, &[])
         .map_err(|err| prefix(err, &format!("the fabric port facing {name}")))?;
     let dir = scratch.join(name);
     fs::create_dir_all(&dir).context(format!("creating {}", dir.display()))?;
@@ -1521,6 +1617,7 @@ fn build_node(
          attach_mode = \"native\"\n\
          hash_seed = {hash_seed:#x}\n\
          source_v4 = \"{addr}\"\n\
+         source_v6 = \"{addr6}\"\n\
          api_socket = \"{}\"\n\
          state_file = \"{}\"\n\
          pin_path = \"{}\"\n\
@@ -1570,11 +1667,11 @@ fn prefix(err: DemoError, what: &str) -> DemoError {
 }
 
 /// Loads the data plane in `host`'s namespace and attaches the decap program
-/// natively to `dev`, accepting tunnels to `endpoint` (none: pass everything).
-fn load_decap(host: &Host, dev: &str, endpoint: Option<IpAddr>) -> Result<Dataplane, DemoError> {
+/// natively to `dev`, accepting tunnels to `endpoints` (none: pass everything).
+fn load_decap(host: &Host, dev: &str, endpoints: &[IpAddr]) -> Result<Dataplane, DemoError> {
     host.run_in(|| -> Result<Dataplane, DemoError> {
         let mut dp = Dataplane::load(DECAP_LIMITS).context("loading the data plane")?;
-        if let Some(addr) = endpoint {
+        for &addr in endpoints {
             dp.decap
                 .add(addr)
                 .context(format!("adding tunnel endpoint {addr}"))?;
@@ -1596,7 +1693,7 @@ fn build_backend(
     i: usize,
 ) -> Result<SiteBackend, DemoError> {
     let name = format!("{cluster}-{}", i + 1);
-    let addr = backend_addr(c, i);
+    let (addr, addr6) = backend_addrs(c, i);
     let host = topology
         .host(&name)
         .context(format!("creating backend {name}"))?;
@@ -1606,11 +1703,14 @@ fn build_backend(
             fabric,
             LinkOpts::new()
                 .addr_a(cidr(addr, FABRIC_PREFIX_LEN))
+                .addr_a(cidr(addr6, FABRIC_PREFIX_LEN6))
                 .mtu(FABRIC_MTU),
         )
         .context(format!("linking {name} to the fabric"))?;
-    host.add_addr("lo", &cidr(VIP, 32))
-        .context(format!("adding the VIP to {name}'s lo"))?;
+    for vip in [cidr(VIP, 32), cidr(VIP6, 128)] {
+        host.add_addr("lo", &vip)
+            .context(format!("adding {vip} to {name}'s lo"))?;
+    }
     // The VIP must not be announced on the fabric (only the nodes' route
     // leads to it), and the client's packets arrive with a source the strict
     // reverse-path filter may not expect.
@@ -1619,12 +1719,14 @@ fn build_backend(
         host.sysctl(&key, value)
             .context(format!("setting {key} on {name}"))?;
     }
-    let decap = load_decap(&host, DEV, Some(addr.into())).map_err(|err| prefix(err, &name))?;
+    let decap =
+        load_decap(&host, DEV, &[addr.into(), addr6.into()]).map_err(|err| prefix(err, &name))?;
     let server = Server::start(&host, &name, cluster)?;
     Ok(SiteBackend {
         name,
         cluster,
         addr,
+        addr6,
         mac: link.a.mac,
         host,
         up: true,
@@ -1730,9 +1832,12 @@ impl Held {
     }
 }
 
-/// A backend's servers: TCP on VIP:80 answers every connection with
-/// "backend <name> cluster <cluster>" (as HTTP if asked in HTTP; line by
-/// line if asked to `hold`), UDP on VIP:53 answers every datagram with it.
+/// A backend's servers: TCP on ports 80 and 81 of every address (so of the
+/// IPv4 and IPv6 VIPs) answers every connection with "backend <name>
+/// cluster <cluster>" (as HTTP if asked in HTTP; line by line if asked to
+/// `hold`), UDP on VIP:53 answers every datagram with it. UDP is bound to
+/// the VIP itself: a reply from a wildcard socket would leave from the
+/// host's own address, which the client does not expect.
 struct Server {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -1740,23 +1845,28 @@ struct Server {
 
 impl Server {
     fn start(host: &Host, name: &str, cluster: &str) -> Result<Self, DemoError> {
-        let (listener, udp) = host
+        let (listeners, udp) = host
             .run_in(|| -> io::Result<_> {
+                // [::] takes IPv4 too (as mapped addresses): one socket per
+                // port for both VIPs.
                 Ok((
-                    TcpListener::bind((VIP, VIP_PORT))?,
+                    vec![
+                        TcpListener::bind((Ipv6Addr::UNSPECIFIED, VIP_PORT))?,
+                        TcpListener::bind((Ipv6Addr::UNSPECIFIED, MIXED_PORT))?,
+                    ],
                     UdpSocket::bind((VIP, UDP_PORT))?,
                 ))
             })
             .context(format!("entering {name}"))?
             .context(format!(
-                "binding {VIP}:{VIP_PORT}/tcp and :{UDP_PORT}/udp in {name}"
+                "binding [::]:{VIP_PORT} and [::]:{MIXED_PORT}/tcp, {VIP}:{UDP_PORT}/udp in {name}"
             ))?;
         let line = format!("backend {name} cluster {cluster}\n");
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
         let thread = thread::Builder::new()
             .name(format!("server-{name}"))
-            .spawn(move || serve(&listener, &udp, &line, &stopped))
+            .spawn(move || serve(&listeners, &udp, &line, &stopped))
             .context(format!("starting {name}'s server"))?;
         Ok(Self {
             stop,
@@ -1780,26 +1890,32 @@ impl Drop for Server {
     }
 }
 
-fn serve(listener: &TcpListener, udp: &UdpSocket, line: &str, stop: &AtomicBool) {
-    let mut polls = [
-        libc::pollfd {
-            fd: listener.as_raw_fd(),
+fn serve(listeners: &[TcpListener], udp: &UdpSocket, line: &str, stop: &AtomicBool) {
+    let mut polls: Vec<libc::pollfd> = std::iter::once(udp.as_raw_fd())
+        .chain(listeners.iter().map(AsRawFd::as_raw_fd))
+        .map(|fd| libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
-        },
-        libc::pollfd {
-            fd: udp.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
+        })
+        .collect();
     while !stop.load(Ordering::SeqCst) {
-        // SAFETY: two valid pollfds whose fds outlive the call.
-        let ready = unsafe { libc::poll(polls.as_mut_ptr(), 2, SERVER_POLL_MS) };
+        // SAFETY: `polls` holds valid pollfds, as many as passed, whose fds
+        // outlive the call.
+        let ready = unsafe {
+            libc::poll(
+                polls.as_mut_ptr(),
+                polls.len() as libc::nfds_t,
+                SERVER_POLL_MS,
+            )
+        };
         if ready <= 0 {
             continue;
         }
-        if polls[0].revents != 0 {
+        for (listener, poll) in listeners.iter().zip(&polls[1..]) {
+            if poll.revents == 0 {
+                continue;
+            }
             match listener.accept() {
                 Ok((stream, _)) => {
                     let line = line.to_owned();
@@ -1812,7 +1928,7 @@ fn serve(listener: &TcpListener, udp: &UdpSocket, line: &str, stop: &AtomicBool)
                 Err(err) => log::debug!("accept: {err}"),
             }
         }
-        if polls[1].revents != 0 {
+        if polls[0].revents != 0 {
             let mut buf = [0u8; 512];
             if let Ok((_, from)) = udp.recv_from(&mut buf) {
                 let _ = udp.send_to(line.as_bytes(), from);
@@ -2161,7 +2277,7 @@ pub fn check_round(site: &Site, round: &Round, label: &str, down: &[String]) -> 
             round.replies_via_node
         ));
     }
-    let forwarded = round.total().vip(TCP_VIP_NAME);
+    let forwarded = round.total().vip(round.service);
     if round.capture_drops == 0 && forwarded != round.client_segments_to_vip {
         problems.push(format!(
             "{label}: the client sent {} segments to the VIP but the xlb nodes forwarded {forwarded}",
@@ -2240,34 +2356,45 @@ pub struct Frame {
     pub data: Vec<u8>,
 }
 
-/// The fields of an Ethernet / IPv4 / TCP frame the demo looks at.
+/// The fields of an Ethernet / IP / TCP frame the demo looks at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Tcp4 {
+pub struct Tcp {
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    pub dst: IpAddr,
     pub sport: u16,
     pub dport: u16,
     pub flags: u8,
 }
 
 impl Frame {
-    /// The frame as Ethernet / IPv4 / TCP, if it is one (no VLAN tag).
-    pub fn tcp4(&self) -> Option<Tcp4> {
+    /// The frame as Ethernet / IPv4 or IPv6 / TCP, if it is one (no VLAN
+    /// tag, no IPv6 extension header).
+    pub fn tcp(&self) -> Option<Tcp> {
         let d = &self.data;
-        if d.len() < 14 + 20 || d[12..14] != [0x08, 0x00] || d[14] >> 4 != 4 || d[23] != 6 {
-            return None;
-        }
-        let ihl = usize::from(d[14] & 0x0f) * 4;
-        let tcp = d.get(14 + ihl..14 + ihl + 14)?;
+        let ip = d.get(14..)?;
+        let (src, dst, l4): (IpAddr, IpAddr, usize) = match (d.get(12..14)?, ip.first()? >> 4) {
+            ([0x08, 0x00], 4) if ip.len() >= 20 && ip[9] == 6 => {
+                let v4 = |at: usize| IpAddr::from([ip[at], ip[at + 1], ip[at + 2], ip[at + 3]]);
+                (v4(12), v4(16), usize::from(ip[0] & 0x0f) * 4)
+            }
+            ([0x86, 0xdd], 6) if ip.len() >= 40 && ip[6] == 6 => {
+                let v6 = |at: usize| -> Option<IpAddr> {
+                    let bytes: [u8; 16] = ip.get(at..at + 16)?.try_into().ok()?;
+                    Some(IpAddr::from(bytes))
+                };
+                (v6(8)?, v6(24)?, 40)
+            }
+            _ => return None,
+        };
+        let tcp = ip.get(l4..l4 + 14)?;
         let mac = |at: usize| -> [u8; 6] { d[at..at + 6].try_into().unwrap_or_default() };
-        let ip = |at: usize| Ipv4Addr::new(d[at], d[at + 1], d[at + 2], d[at + 3]);
-        Some(Tcp4 {
+        Some(Tcp {
             dmac: mac(0),
             smac: mac(6),
-            src: ip(26),
-            dst: ip(30),
+            src,
+            dst,
             sport: u16::from_be_bytes([tcp[0], tcp[1]]),
             dport: u16::from_be_bytes([tcp[2], tcp[3]]),
             flags: tcp[13],
@@ -2418,7 +2545,7 @@ mod tests {
     }
 
     #[test]
-    fn frames_parse_as_tcp4() {
+    fn frames_parse_as_tcp() {
         let mut d = vec![0u8; 14 + 20 + 20];
         d[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
         d[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
@@ -2434,14 +2561,38 @@ mod tests {
             outgoing: true,
             data: d,
         };
-        let t = frame.tcp4().unwrap();
-        assert_eq!((t.src, t.dst), (CLIENT_ADDR, VIP));
+        let t = frame.tcp().unwrap();
+        assert_eq!((t.src, t.dst), (CLIENT_ADDR.into(), VIP.into()));
         assert_eq!((t.sport, t.dport, t.flags), (40000, 80, 0x02));
         assert_eq!((t.dmac, t.smac), ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]));
         let short = Frame {
             outgoing: false,
             data: frame.data[..40].to_vec(),
         };
-        assert_eq!(short.tcp4(), None);
+        assert_eq!(short.tcp(), None);
+    }
+
+    #[test]
+    fn frames_parse_as_tcp6() {
+        let mut d = vec![0u8; 14 + 40 + 20];
+        d[12..14].copy_from_slice(&[0x86, 0xdd]);
+        d[14] = 0x60;
+        d[20] = 6;
+        d[22..38].copy_from_slice(&CLIENT_ADDR6.octets());
+        d[38..54].copy_from_slice(&VIP6.octets());
+        d[54..56].copy_from_slice(&40000u16.to_be_bytes());
+        d[56..58].copy_from_slice(&80u16.to_be_bytes());
+        d[67] = 0x12;
+        let frame = Frame {
+            outgoing: false,
+            data: d,
+        };
+        let t = frame.tcp().unwrap();
+        assert_eq!((t.src, t.dst), (CLIENT_ADDR6.into(), VIP6.into()));
+        assert_eq!((t.sport, t.dport, t.flags), (40000, 80, 0x12));
+        // A UDP packet is not TCP.
+        let mut udp = frame.clone();
+        udp.data[20] = 17;
+        assert_eq!(udp.tcp(), None);
     }
 }

@@ -21,7 +21,7 @@ use lb_common::{Counter, OUTER_TTL};
 use xlb::api::{Request, Response};
 use xlb::demo::{
     CLIENT_ADDR, CLUSTERS, Footprint, Frame, PacketCapture, Round, Site, SiteOptions, TCP_VIP_NAME,
-    UDP_VIP_NAME, VIP, VIP_PORT, check_round,
+    UDP_VIP_NAME, VIP, VIP_PORT, WEB6, WEB46, check_round,
 };
 
 const XLB: &str = env!("CARGO_BIN_EXE_xlb-for-tests");
@@ -490,6 +490,40 @@ fn a_udp_service_is_answered_through_the_vip() {
         .map(|n| after[n.name].since(&before[n.name]).vip(UDP_VIP_NAME))
         .sum();
     assert_eq!(forwarded, 40, "one datagram each, balanced by the nodes");
+    close(site);
+}
+
+/// The same checks as for the IPv4 VIP (answered, replies straight from
+/// the backend, forwarded exactly what the client sent) for an IPv6 VIP
+/// served by the backends' IPv6 addresses (IPv6 in IPv6) and an IPv4 VIP
+/// served by them too (IPv4 in IPv6).
+#[test]
+fn ipv6_backends_serve_an_ipv6_vip_and_an_ipv4_vip() {
+    if !may_run() {
+        return;
+    }
+    let site = build("e2e-ipv6", 2);
+    for service in [WEB6, WEB46] {
+        let before: u64 = site
+            .backends()
+            .iter()
+            .map(|b| b.decap_counter(Counter::DecapOk).expect("decap counter"))
+            .sum();
+        let round = site.connect_to(service, 30).expect("connecting");
+        assert_round_ok(&site, &round, service.name, &[]);
+        assert_eq!((round.answered(), round.direct()), (30, 30), "{round:#?}");
+        assert_eq!(round.replies_via_node, 0);
+        let forwarded = round.total().vip(service.name);
+        assert!(forwarded > 0);
+        assert_eq!(forwarded, round.client_segments_to_vip);
+        let decapsulated: u64 = site
+            .backends()
+            .iter()
+            .map(|b| b.decap_counter(Counter::DecapOk).expect("decap counter"))
+            .sum();
+        assert_eq!(decapsulated - before, forwarded, "{}", service.name);
+        assert_eq!(round.by_node().len(), 2, "{round:#?}");
+    }
     close(site);
 }
 
