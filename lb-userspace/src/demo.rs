@@ -1455,6 +1455,10 @@ impl Site {
             ),
             "30 requests, counted per backend".into(),
         ));
+        commands.push((
+            format!("ip netns exec {client} curl -s http://[{VIP6}]/"),
+            "the IPv6 VIP, served by the backends' IPv6 addresses (IPv6 in IPv6)".into(),
+        ));
         for node in &self.nodes {
             commands.push((
                 format!("{xlb} --socket {} status", node.socket.display()),
