@@ -21,6 +21,7 @@ use crate::{
     daemon,
     dataplane::XdpLog,
     demo::{self, Cancel, DemoError, DemoOptions, MAX_BACKENDS_PER_CLUSTER},
+    doctor,
     monitor,
 };
 
@@ -81,10 +82,15 @@ enum Command {
     /// A live view of packet and byte rates per VIP, cluster and backend,
     /// with health, sorted by rate (q or Ctrl-C quits)
     Top(TopArgs),
-    /// Build a small two-cluster site in network namespaces, send real TCP
-    /// connections through the balancer, fail a backend, show what happened.
+    /// Build a small active-active site in network namespaces (two xlb
+    /// nodes behind ECMP, two clusters), send real TCP connections through
+    /// it, fail a backend and a cluster, show what happened.
     #[command(long_about = DEMO_ABOUT)]
     Demo(DemoArgs),
+    /// Check this host's settings for direct server return (as an xlb node
+    /// or a backend) and print the command that fixes each problem
+    #[command(long_about = DOCTOR_ABOUT)]
+    Doctor(DoctorArgs),
 }
 
 const RUN_ABOUT: &str = "\
@@ -250,30 +256,75 @@ struct DetachArgs {
 }
 
 const DEMO_ABOUT: &str = "\
-Build a small site in network namespaces and send real traffic through xlb.
+Build a small active-active site in network namespaces and send real traffic
+through xlb.
 
 The site, all on one L2 fabric (a bridge) and on 198.18.0.0/15 addresses only:
-  - a client, which routes the VIP 198.18.100.1 via the xlb node;
-  - one xlb node, running the balancer in native XDP on its interface: it
-    looks the VIP up, picks a backend from a Maglev ring, encapsulates the
-    packet in IPIP and sends it to the backend;
-  - two clusters, east and west, of backends: each strips the outer header
-    with xlb's decap program, holds the VIP on lo and answers every TCP
-    connection on port 80 with \"backend <name> cluster <cluster>\" (an HTTP
+  - a client, which reaches the VIP 198.18.100.1 over an ECMP route through
+    both xlb nodes, hashed on the 5-tuple (fib_multipath_hash_policy = 1);
+  - two xlb nodes, xlb1 and xlb2, each running this binary's `xlb run` with a
+    generated config (TCP VIP on port 80, UDP VIP on port 53), the balancer in
+    native XDP: it picks a backend from the Maglev ring (the same on both
+    nodes), encapsulates the packet in IPIP and sends it to the backend;
+  - two clusters, east and west, of --backends backends each: each strips the
+    outer header with xlb's decap program, holds the VIP on lo and answers
+    every TCP connection with \"backend <name> cluster <cluster>\" (an HTTP
     response if asked in HTTP), directly to the client (direct server return).
 
-The demo opens --connections connections from the client and shows how they
-spread over clusters and backends, checks that every reply came straight from
-the backend, then fails one backend (its server stops, it is marked down and
-the ring is rebuilt without it) and runs the connections again. With --keep it
-stays up afterwards and prints commands (curl, nc, ip) to try against it.
+The demo opens --connections connections per round and shows how they spread
+over nodes, clusters and backends, checks that every reply came straight from
+its backend and that the nodes forwarded exactly what the client sent, then
+fails one backend, then a whole cluster, and brings them back, a round after
+each step. A failure is detected by the demo itself (it stops the server and
+drains the backend on both daemons). With --keep it stays up afterwards and
+prints commands (curl, xlb status against each node's socket, ...) to try.
 
 Everything it creates is removed on exit, Ctrl-C included.
 
-Needs root and a kernel with XDP on veth (Linux 5.9 or later).
+Needs root, iproute2, and a kernel with XDP on veth (Linux 5.9 or later), BTF
+and multipath routing; without one of them it refuses, saying which.
 
 Exit status: 0 on success, 1 on any error or failed check, 2 on bad usage,
 130 when interrupted before the end (with --keep, Ctrl-C is the normal end: 0).";
+
+const DOCTOR_ABOUT: &str = "\
+Check this host's settings for direct server return and print, for each
+problem, what is wrong and the exact command that fixes it. Nothing is changed.
+
+On a backend (--role backend): a decapsulator (xlb's decap program, or the
+kernel's tunl0 up), every VIP on lo, arp_ignore >= 1 and arp_announce = 2 on
+the interfaces, rp_filter not strict, and an MTU that fits a client's packet
+plus the outer header (or routes with a small enough advmss).
+
+On an xlb node (--role node --config xlb.toml): the balancer attached to each
+of node.interfaces and its mode, forwarding on them, and for every backend of
+the config a route, a resolved neighbour (MAC) and an MTU toward it that fits
+the encapsulated packet.
+
+Without --role, the role is guessed: node if --config is given or the
+balancer is attached here, backend if the decap program is attached or lo
+holds an address other than loopback.
+
+Runs in the current network namespace (`ip netns exec NS xlb doctor ...`).
+Exit status: 0 when no problem was found (warnings allowed), 1 otherwise.";
+
+#[derive(Debug, Args)]
+struct DoctorArgs {
+    /// What this host is [default: detected]
+    #[arg(long, value_enum)]
+    role: Option<doctor::HostRole>,
+    /// The node's config: which interfaces and backends to check
+    #[arg(long, short, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// A VIP this backend serves (repeat for several) [default: the
+    /// addresses on lo]
+    #[arg(long, value_name = "ADDR")]
+    vip: Vec<IpAddr>,
+    /// The largest packet clients send, for the MTU/MSS check
+    #[arg(long, value_name = "BYTES", default_value_t = doctor::DEFAULT_CLIENT_MTU,
+          value_parser = clap::value_parser!(u32).range(576..=65000))]
+    client_mtu: u32,
+}
 
 #[derive(Debug, Args)]
 struct DemoArgs {
@@ -334,6 +385,7 @@ fn one_line(err: &anyhow::Error) -> String {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let request = match cli.command {
         Command::Demo(args) => return demo_command(args),
+        Command::Doctor(args) => return doctor_command(args),
         Command::Run(args) => {
             daemon::run(&args.config, args.xdp_log)?;
             return Ok(ExitCode::SUCCESS);
@@ -521,9 +573,10 @@ fn backend_request(command: BackendCommand) -> Request {
 
 fn demo_command(args: DemoArgs) -> anyhow::Result<ExitCode> {
     // Refused before anything else, so the reason is the first thing said.
-    demo::check_root()?;
+    demo::check_prerequisites()?;
     let cancel = Cancel::on_signals()?;
     let result = demo::run(DemoOptions {
+        xlb: std::env::current_exe()?,
         backends_per_cluster: usize::from(args.backends),
         connections: args.connections as usize,
         keep: args.keep,
@@ -537,6 +590,21 @@ fn demo_command(args: DemoArgs) -> anyhow::Result<ExitCode> {
         }
         Err(err) => Err(err.into()),
     }
+}
+
+fn doctor_command(args: DoctorArgs) -> anyhow::Result<ExitCode> {
+    let report = doctor::diagnose(&doctor::DoctorOptions {
+        role: args.role,
+        config: args.config,
+        vips: args.vip,
+        client_mtu: Some(args.client_mtu),
+    })?;
+    print!("{report}");
+    Ok(if report.healthy() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 // ---------------------------------------------------------------------------
