@@ -76,6 +76,9 @@ enum Command {
     /// connections through the balancer, fail a backend, show what happened.
     #[command(long_about = DEMO_ABOUT)]
     Demo(DemoArgs),
+    /// Generate packets in the kernel (XDP live frames): TCP SYN, TCP ACK
+    /// or UDP over IPv4 or IPv6, many flows, at a rate or flat out
+    Pktgen(crate::pktgen::PktgenArgs),
 }
 
 const RUN_ABOUT: &str = "\
@@ -298,6 +301,7 @@ fn one_line(err: &anyhow::Error) -> String {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let request = match cli.command {
         Command::Demo(args) => return demo_command(args),
+        Command::Pktgen(args) => return crate::pktgen::command(args),
         Command::Run(args) => {
             daemon::run(&args.config)?;
             return Ok(ExitCode::SUCCESS);

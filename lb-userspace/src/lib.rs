@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod demo;
 pub mod maglev;
+pub mod pktgen;
 pub mod policy;
 pub mod reconcile;
 pub mod state;
