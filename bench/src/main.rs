@@ -6,8 +6,11 @@
 //! first, or `cargo run --release -p xlb-bench -- NAME [ARGS]` (as root).
 
 mod dataplane;
+mod live;
 mod machine;
 mod maglev;
+mod peer;
+mod plot;
 mod results;
 
 use std::process::ExitCode;
@@ -30,6 +33,12 @@ enum Bench {
     /// ratios to the Maglev paper's, and the slots moved when a backend
     /// leaves.
     Maglev(maglev::Args),
+    /// Packets per second through xlb on veths (pktgen -> xlb node ->
+    /// backend sink) against a floor program on the same path, for 1, 100
+    /// and 100 000 flows, established and new.
+    Live(live::Args),
+    /// xlb pktgen's rate against Debian's trafgen on the same path.
+    Peer(peer::Args),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +46,8 @@ fn main() -> ExitCode {
     let result = match cli.bench {
         Bench::Dataplane(args) => dataplane::run(&args),
         Bench::Maglev(args) => maglev::run(&args),
+        Bench::Live(args) => live::run(&args),
+        Bench::Peer(args) => peer::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

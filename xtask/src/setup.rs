@@ -16,7 +16,10 @@ pub const BPF_LINKER_VERSION: &str = "0.10.3";
 /// Debian packages the build or the tests need. Add names here: `setup` runs
 /// `apt-get update` once and installs only the ones `dpkg-query` reports
 /// missing.
-pub const DEBIAN_PACKAGES: &[&str] = &[];
+pub const DEBIAN_PACKAGES: &[&str] = &[
+    // trafgen: the generator `cargo xtask bench peer` compares xlb's pktgen with.
+    "netsniff-ng",
+];
 
 const BPFFS: &str = "/sys/fs/bpf";
 

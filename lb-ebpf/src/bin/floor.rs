@@ -2,10 +2,17 @@
 //! measured against in the same run. `floor_drop` is the fixed cost of a
 //! test run; `floor_tx` parses Ethernet, IPv4 and TCP, swaps the MACs and
 //! bounces the frame, the least any forwarding XDP program does.
+//! `floor_redirect` is the live benchmark's floor: the same parse, then out
+//! of another interface through a devmap, as the balancer sends.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::DevMap,
+    programs::XdpContext,
+};
 use lb_ebpf::{
     headers::{ETH_P_IPV4, EthHdr, Ipv4Hdr, TcpHdr},
     packet::{read_at, write_at},
@@ -19,6 +26,18 @@ pub fn floor_drop(_ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn floor_tx(ctx: XdpContext) -> u32 {
     parse_and_bounce(&ctx).unwrap_or(xdp_action::XDP_PASS)
+}
+
+/// Slot 0: the interface `floor_redirect` sends to.
+#[map]
+static FLOOR_PORT: DevMap = DevMap::with_max_entries(1, 0);
+
+#[xdp]
+pub fn floor_redirect(ctx: XdpContext) -> u32 {
+    match parse_and_bounce(&ctx) {
+        Some(_) => FLOOR_PORT.redirect(0, 0).unwrap_or(xdp_action::XDP_DROP),
+        None => xdp_action::XDP_PASS,
+    }
 }
 
 #[inline(always)]
