@@ -12,6 +12,7 @@ mod maglev;
 mod peer;
 mod plot;
 mod results;
+mod scale;
 
 use std::process::ExitCode;
 
@@ -39,6 +40,8 @@ enum Bench {
     Live(live::Args),
     /// xlb pktgen's rate against Debian's trafgen on the same path.
     Peer(peer::Args),
+    /// Kernel memory of the maps at the default limits, and as each grows.
+    Scale(scale::Args),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
         Bench::Maglev(args) => maglev::run(&args),
         Bench::Live(args) => live::run(&args),
         Bench::Peer(args) => peer::run(&args),
+        Bench::Scale(args) => scale::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
