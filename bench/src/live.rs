@@ -50,6 +50,8 @@ const HASH_SEED: u32 = 0x786c_6221;
 /// The xlb node's program sees frames from the generator on this interface.
 const NODE_IN: &str = "eth0";
 const NODE_OUT: &str = "eth1";
+/// Frames the backend may count that xlb did not send.
+const STRAY_FRAMES: u64 = 16;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -81,7 +83,6 @@ pub enum NodeProgram {
 
 /// The generator → node → backend path, torn down when dropped.
 pub struct LivePath {
-    pub topo: Topology,
     pub gen_host: Host,
     pub node: Host,
     pub to_node: Link,
@@ -91,6 +92,8 @@ pub struct LivePath {
     floor_link: Option<XdpLinkId>,
     pub generator: Generator,
     attached: Option<NodeProgram>,
+    /// Held for its teardown when the path is dropped, after the programs.
+    _topo: Topology,
 }
 
 impl LivePath {
@@ -138,7 +141,7 @@ impl LivePath {
             Ok((dataplane, floor))
         })??;
         let path = Self {
-            topo,
+            _topo: topo,
             gen_host,
             node,
             to_node,
@@ -395,11 +398,13 @@ pub fn run(args: &Args) -> Result<()> {
                 );
                 if program == NodeProgram::Xlb {
                     let redirected = path.xlb_counter(Counter::Redirect)? - forwarded;
+                    // The node's kernel talks on the link too (IPv6
+                    // neighbour discovery, MLD): a few frames of slack.
                     ensure!(
-                        redirected >= delivered,
+                        redirected + STRAY_FRAMES >= delivered,
                         "xlb redirected {redirected} packets but the backend counted {delivered}"
                     );
-                    xlb_loss = report.sent - delivered;
+                    xlb_loss = report.sent.saturating_sub(delivered);
                 }
                 let result = CaseResult {
                     program,
