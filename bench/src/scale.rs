@@ -65,6 +65,9 @@ struct ScaleReport {
     machine: Machine,
 }
 
+/// The default limits with one of them set to a size.
+type WithLimit = fn(Limits, u32) -> Limits;
+
 fn measure(limits: Limits) -> Result<Footprint> {
     let dp = Dataplane::load(limits).context("loading the data plane (are you root?)")?;
     let mut ids = BTreeSet::new();
@@ -90,7 +93,7 @@ fn measure(limits: Limits) -> Result<Footprint> {
             memlock_bytes: memlock,
         });
     }
-    maps.sort_by(|a, b| b.memlock_bytes.cmp(&a.memlock_bytes));
+    maps.sort_by_key(|m| std::cmp::Reverse(m.memlock_bytes));
     Ok(Footprint {
         max_vips: limits.max_vips,
         max_backends: limits.max_backends,
@@ -134,7 +137,7 @@ pub fn run(args: &Args) -> Result<()> {
     let vips: Vec<u32> = pick(vec![32, 64, 128, 256, 512, 1024]);
     let backends: Vec<u32> = pick(vec![1024, 4096, 16384, 65536]);
     let mut growth = Vec::new();
-    let series: [(&'static str, Vec<u32>, fn(Limits, u32) -> Limits); 3] = [
+    let series: [(&'static str, Vec<u32>, WithLimit); 3] = [
         ("conntrack_size (flows)", conntrack, |l, n| Limits {
             conntrack_size: n,
             ..l
