@@ -969,7 +969,8 @@ pub fn command(args: PktgenArgs) -> anyhow::Result<ExitCode> {
         Engine::Xdp => {
             let long = match limit {
                 Limit::Duration(d) => d > PROGRESS_AFTER,
-                Limit::Count(n) => run.rate.is_some_and(|r| n / r.max(1) > 2),
+                // Flat out, counts beyond ten million take seconds too.
+                Limit::Count(n) => run.rate.map_or(n > 10_000_000, |r| n / r.max(1) > 2),
             };
             Generator::load()?.run(&run, |sent, elapsed| {
                 if long {
