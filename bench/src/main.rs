@@ -5,11 +5,16 @@
 //! Run through `cargo xtask bench NAME [ARGS]`, which sets the machine up
 //! first, or `cargo run --release -p xlb-bench -- NAME [ARGS]` (as root).
 
+mod control;
 mod dataplane;
 mod health;
+mod live;
 mod machine;
 mod maglev;
+mod peer;
+mod plot;
 mod results;
+mod scale;
 
 use std::process::ExitCode;
 
@@ -18,8 +23,12 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(about = "xlb's benchmarks (run as root, in release mode)")]
 struct Cli {
+    /// Without a benchmark name: run a short version of every benchmark,
+    /// writing under bench/results/quick/ (the full results stay as they are)
+    #[arg(long)]
+    quick: bool,
     #[command(subcommand)]
-    bench: Bench,
+    bench: Option<Bench>,
 }
 
 #[derive(Subcommand)]
@@ -34,14 +43,47 @@ enum Bench {
     /// Health probes: prober CPU for 10 000 targets at 1 s, and the time
     /// from a health change to the maps written for 1 000 backends.
     Health(health::Args),
+    /// Packets per second through xlb on veths (pktgen -> xlb node ->
+    /// backend sink) against a floor program on the same path, for 1, 100
+    /// and 100 000 flows, established and new.
+    Live(live::Args),
+    /// xlb pktgen's rate against Debian's trafgen on the same path.
+    Peer(peer::Args),
+    /// Kernel memory of the maps at the default limits, and as each grows.
+    Scale(scale::Args),
+    /// Maglev build time and backend change -> all rings programmed, for
+    /// 10/100/1000 backends x 1/10/100 VIPs.
+    Control(control::Args),
 }
+
+/// The short versions `--quick` runs, in order: name, then arguments.
+const QUICK: &[&[&str]] = &[
+    &[
+        "dataplane",
+        "--rounds",
+        "2",
+        "--calls",
+        "5000",
+        "--warmup",
+        "500",
+    ],
+    &["maglev", "--runs", "3", "--removals", "3"],
+    &["health", "--targets", "1000", "--seconds", "3", "--changes", "50"],
+    &["control", "--quick"],
+    &["scale", "--quick"],
+    &["live", "--quick"],
+    &["peer", "--quick"],
+];
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.bench {
-        Bench::Dataplane(args) => dataplane::run(&args),
-        Bench::Maglev(args) => maglev::run(&args),
-        Bench::Health(args) => health::run(&args),
+    let result = match (cli.bench, cli.quick) {
+        (Some(bench), _) => run(bench),
+        (None, true) => quick(),
+        (None, false) => Err(anyhow::anyhow!(
+            "name a benchmark (dataplane, maglev, health, live, peer, control, scale; see --help), \
+             or give --quick for a short run of all of them"
+        )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -49,5 +91,38 @@ fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn quick() -> anyhow::Result<()> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/results/quick");
+    for args in QUICK {
+        let name = args[0];
+        println!("\n=== {name} (quick) ===");
+        let mut argv: Vec<String> = std::iter::once("xlb-bench")
+            .chain(args.iter().copied())
+            .map(str::to_owned)
+            .collect();
+        argv.extend(["--json".to_owned(), format!("{dir}/{name}.json")]);
+        if ["live", "peer", "control", "scale"].contains(&name) {
+            argv.extend(["--svg".to_owned(), format!("{dir}/{name}.svg")]);
+        }
+        let bench = Cli::try_parse_from(argv)?
+            .bench
+            .expect("every quick entry names a benchmark");
+        run(bench).map_err(|e| e.context(format!("{name} (quick)")))?;
+    }
+    Ok(())
+}
+
+fn run(bench: Bench) -> anyhow::Result<()> {
+    match bench {
+        Bench::Dataplane(args) => dataplane::run(&args),
+        Bench::Maglev(args) => maglev::run(&args),
+        Bench::Health(args) => health::run(&args),
+        Bench::Live(args) => live::run(&args),
+        Bench::Peer(args) => peer::run(&args),
+        Bench::Scale(args) => scale::run(&args),
+        Bench::Control(args) => control::run(&args),
     }
 }

@@ -9,6 +9,7 @@
 #![no_std]
 
 pub mod hash;
+pub mod pktgen;
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

@@ -91,6 +91,9 @@ enum Command {
     /// or a backend) and print the command that fixes each problem
     #[command(long_about = DOCTOR_ABOUT)]
     Doctor(DoctorArgs),
+    /// Generate packets in the kernel (XDP live frames): TCP SYN, TCP ACK
+    /// or UDP over IPv4 or IPv6, many flows, at a rate or flat out
+    Pktgen(crate::pktgen::PktgenArgs),
 }
 
 const RUN_ABOUT: &str = "\
@@ -386,6 +389,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let request = match cli.command {
         Command::Demo(args) => return demo_command(args),
         Command::Doctor(args) => return doctor_command(args),
+        Command::Pktgen(args) => return crate::pktgen::command(args),
         Command::Run(args) => {
             daemon::run(&args.config, args.xdp_log)?;
             return Ok(ExitCode::SUCCESS);

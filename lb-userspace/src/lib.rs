@@ -12,6 +12,7 @@ pub mod health;
 pub mod maglev;
 pub mod metrics;
 pub mod monitor;
+pub mod pktgen;
 pub mod policy;
 pub mod reconcile;
 pub mod state;

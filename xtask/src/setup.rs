@@ -20,6 +20,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     // promtool and the Prometheus server: the metrics tests check /metrics
     // with `promtool check metrics` and scrape it with a real Prometheus.
     "prometheus",
+    // trafgen: the generator `cargo xtask bench peer` compares xlb's pktgen with.
+    "netsniff-ng",
 ];
 
 const BPFFS: &str = "/sys/fs/bpf";

@@ -4,10 +4,17 @@
 //! bounces the frame, the least any forwarding XDP program does;
 //! `floor_tx_log` is `floor_tx` with a log statement, for the cost of
 //! logging that is compiled in but off.
+//! `floor_redirect` is the live benchmark's floor: the same parse, then out
+//! of another interface through a devmap, as the balancer sends.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::DevMap,
+    programs::XdpContext,
+};
 use lb_ebpf::{
     headers::{ETH_P_IPV4, EthHdr, Ipv4Hdr, TcpHdr},
     packet::{read_at, write_at},
@@ -31,6 +38,18 @@ pub fn floor_tx_log(ctx: XdpContext) -> u32 {
     let action = parse_and_bounce(&ctx).unwrap_or(xdp_action::XDP_PASS);
     aya_log_ebpf::debug!(&ctx, "floor_tx_log: action {}", action);
     action
+}
+
+/// Slot 0: the interface `floor_redirect` sends to.
+#[map]
+static FLOOR_PORT: DevMap = DevMap::with_max_entries(1, 0);
+
+#[xdp]
+pub fn floor_redirect(ctx: XdpContext) -> u32 {
+    match parse_and_bounce(&ctx) {
+        Some(_) => FLOOR_PORT.redirect(0, 0).unwrap_or(xdp_action::XDP_DROP),
+        None => xdp_action::XDP_PASS,
+    }
 }
 
 #[inline(always)]
