@@ -6,6 +6,7 @@
 //! first, or `cargo run --release -p xlb-bench -- NAME [ARGS]` (as root).
 
 mod dataplane;
+mod etcd;
 mod machine;
 mod maglev;
 mod results;
@@ -30,6 +31,16 @@ enum Bench {
     /// ratios to the Maglev paper's, and the slots moved when a backend
     /// leaves.
     Maglev(maglev::Args),
+    /// Time from a write in etcd to rings programmed on every node of a
+    /// fleet of three, for 1, 100 and 1 000 backend changes.
+    Etcd(etcd::Args),
+    /// The `xlb` command line itself: the etcd benchmark runs its daemons
+    /// as `xlb-bench xlb run ...`.
+    #[command(hide = true)]
+    Xlb {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -37,9 +48,29 @@ fn main() -> ExitCode {
     let result = match cli.bench {
         Bench::Dataplane(args) => dataplane::run(&args),
         Bench::Maglev(args) => maglev::run(&args),
+        Bench::Etcd(args) => etcd::run(&args),
+        Bench::Xlb { args } => return xlb(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `xlb-bench xlb ARGS`: what `xlb ARGS` does.
+fn xlb(args: Vec<std::ffi::OsString>) -> ExitCode {
+    let level = if args.first().is_some_and(|a| a == "run") {
+        "info"
+    } else {
+        "warn"
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+    let cli = xlb::cli::Cli::parse_from(std::iter::once("xlb".into()).chain(args));
+    match xlb::cli::run(cli) {
+        Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE

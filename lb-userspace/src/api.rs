@@ -498,6 +498,9 @@ pub struct Status {
     pub last_reconcile: Option<ReconcileReport>,
     /// The balancer's global counters that are not zero, by name.
     pub counters: BTreeMap<String, u64>,
+    /// The fleet's store, when the node runs on one (`--store etcd://...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<crate::etcd::StoreStatus>,
 }
 
 // ---------------------------------------------------------------------------

@@ -101,6 +101,10 @@ struct RunArgs {
     /// The config file
     #[arg(long, short, value_name = "FILE")]
     config: PathBuf,
+    /// Keep VIPs, clusters and backends in etcd, shared by a fleet of
+    /// nodes, instead of node.state_file (see README, "A fleet on etcd")
+    #[arg(long, value_name = "etcd://HOST:PORT[,HOST:PORT...]/PREFIX")]
+    store: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -299,7 +303,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let request = match cli.command {
         Command::Demo(args) => return demo_command(args),
         Command::Run(args) => {
-            daemon::run(&args.config)?;
+            daemon::run_on(&args.config, args.store.as_deref())?;
             return Ok(ExitCode::SUCCESS);
         }
         Command::Vip(command) => vip_request(command),
@@ -652,6 +656,30 @@ fn duration(secs: u64) -> String {
     }
 }
 
+fn store_text(out: &mut String, store: &crate::etcd::StoreStatus) {
+    let link = if store.connected {
+        "connected".to_owned()
+    } else {
+        format!(
+            "UNREACHABLE ({}): forwarding with the last applied state",
+            store.last_error.as_deref().unwrap_or("no answer")
+        )
+    };
+    let _ = writeln!(
+        out,
+        "store:      {} revision {} applied (seen {}), {link}",
+        store.url, store.applied_revision, store.seen_revision
+    );
+    let _ = writeln!(
+        out,
+        "            reconnects {}, malformed values seen {}, refused by the data plane {}",
+        store.reconnects, store.malformed_total, store.apply_failures
+    );
+    for bad in &store.malformed {
+        let _ = writeln!(out, "  skipped {}: {}", bad.key, bad.problem);
+    }
+}
+
 fn status_text(status: &Status) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -685,6 +713,9 @@ fn status_text(status: &Status) -> String {
             .map(|(name, value)| format!("{name}={value}"))
             .collect();
         let _ = writeln!(out, "counters:   {}", counters.join(" "));
+    }
+    if let Some(store) = &status.store {
+        store_text(&mut out, store);
     }
     if status.vips.is_empty() {
         out.push_str("\nno VIPs\n");

@@ -36,8 +36,8 @@ use std::{
     io::{self, Write},
     net::IpAddr,
     path::{Path, PathBuf},
-    sync::Arc,
-    time::Instant,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
 };
 
 use lb_common::{BACKEND_F_UP, Counter, NextHop, VipInfo, VipKey, ip_from_addr};
@@ -53,6 +53,7 @@ use crate::{
     dataplane::{
         AttachMode, Dataplane, DataplaneError, Role, nexthop::NextHopResolver, pinned_links,
     },
+    etcd::{EtcdStore, Snapshot, StoreError},
     policy::{self, Locality, Mode, Shares},
     reconcile::{NodeOptions, Plan, PlannedBackend, PlannedVip, ReconcileError, Reconciler},
     state::{AdminState, Backend, Cluster, DesiredState, Health, Vip},
@@ -77,6 +78,8 @@ pub enum DaemonError {
     Reconcile(#[source] ReconcileError),
     #[error("control API: {0}")]
     Api(#[from] crate::api::BindError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("the reconcile loop failed: {0}")]
     Loop(String),
     #[error("{context}: {source}")]
@@ -107,6 +110,11 @@ pub trait StateStore: Send {
     /// Sets a saved state that cannot be used aside, so that it is neither
     /// used nor lost; returns where it went.
     fn reject(&mut self) -> Option<PathBuf>;
+    /// A store shared by a fleet (etcd) makes the API's changes itself and
+    /// pushes every change, this node's too, into the reconcile loop.
+    fn fleet(&self) -> Option<&EtcdStore> {
+        None
+    }
 }
 
 /// `node.state_file`: the whole desired state in the config's `[vip]`
@@ -173,6 +181,12 @@ impl StateStore for FileStore {
 /// `xlb run`: loads `config_path` and serves until SIGTERM or SIGINT (or
 /// `xlb detach`). Blocks; builds its own tokio runtime.
 pub fn run(config_path: &Path) -> Result<(), DaemonError> {
+    run_on(config_path, None)
+}
+
+/// `xlb run`, with the desired state in `store` (`etcd://...`) when given,
+/// else in the config's `node.state_file`.
+pub fn run_on(config_path: &Path, store: Option<&str>) -> Result<(), DaemonError> {
     let config = config::load(config_path)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -185,8 +199,11 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
         })?;
     runtime.block_on(async {
         let shutdown = shutdown_signal()?;
-        let store = FileStore::new(&config.node.state_file);
-        serve(config_path, config, Box::new(store), shutdown).await
+        let store: Box<dyn StateStore> = match store {
+            None => Box::new(FileStore::new(&config.node.state_file)),
+            Some(url) => Box::new(EtcdStore::open(url.parse()?, &config.node).await?),
+        };
+        serve(config_path, config, store, shutdown).await
     })
 }
 
@@ -275,6 +292,10 @@ pub async fn serve(
         );
         reconciler.resume(programmed);
     }
+    // A local store pushes nothing: its sender is gone at once.
+    let fleet = store
+        .fleet()
+        .map_or_else(|| watch::channel(Snapshot::default()).1, EtcdStore::updates);
     let (targets_tx, targets_rx) = watch::channel(BTreeMap::new());
     let (health_tx, health_rx) = watch::channel(BTreeMap::new());
     let mut control = Control {
@@ -335,7 +356,7 @@ pub async fn serve(
     let (calls_tx, calls_rx) = mpsc::channel(CALL_QUEUE);
     let (stop_tx, stop_rx) = watch::channel(false);
     let api = tokio::spawn(listener.serve(calls_tx, stop_rx.clone()));
-    let mut control_loop = tokio::spawn(control.run(calls_rx, hops_rx, health_rx, stop_rx));
+    let mut control_loop = tokio::spawn(control.run(calls_rx, hops_rx, health_rx, fleet, stop_rx));
 
     let ended = tokio::select! {
         () = shutdown => None,
@@ -562,8 +583,15 @@ impl Control {
         mut calls: mpsc::Receiver<Call>,
         mut hops: mpsc::Receiver<(u32, Option<NextHop>)>,
         mut health: watch::Receiver<BTreeMap<IpAddr, Health>>,
+        mut fleet: watch::Receiver<Snapshot>,
         mut stop: watch::Receiver<bool>,
     ) -> End {
+        let mut fleet_open = self.store.fleet().is_some();
+        if fleet_open {
+            // The state programmed at start is this snapshot's.
+            let first = fleet.borrow_and_update().clone();
+            tokio::task::block_in_place(|| self.fleet_changed(first));
+        }
         let mut health_open = true;
         let mut hops_open = true;
         loop {
@@ -593,6 +621,14 @@ impl Control {
                     }
                     let next = health.borrow_and_update().clone();
                     tokio::task::block_in_place(|| self.health_changed(next));
+                }
+                changed = fleet.changed(), if fleet_open => {
+                    if changed.is_err() {
+                        fleet_open = false;
+                        continue;
+                    }
+                    let next = fleet.borrow_and_update().clone();
+                    tokio::task::block_in_place(|| self.fleet_changed(next));
                 }
                 hop = hops.recv(), if hops_open => match hop {
                     Some((id, hop)) => self.next_hop(id, hop),
@@ -673,6 +709,62 @@ impl Control {
         }
     }
 
+    /// Programs what the fleet's store holds at a new revision; returns the
+    /// reconcile's report when something had to be written. A snapshot the
+    /// data plane refuses leaves the previous one programmed.
+    fn fleet_changed(&mut self, snapshot: Snapshot) -> Option<ReconcileReport> {
+        let metrics = self.store.fleet()?.metrics();
+        let mut report = None;
+        if *snapshot.state != self.desired {
+            let why = format!("etcd revision {}", snapshot.revision);
+            match self.reconcile_to(snapshot.state.as_ref().clone(), &why, true) {
+                Ok(done) => report = Some(done),
+                Err(_) => {
+                    metrics.apply_failures.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+            }
+        }
+        metrics
+            .applied_revision
+            .fetch_max(snapshot.revision, Ordering::Relaxed);
+        report
+    }
+
+    /// A change on a node of a fleet: written to the store, then applied
+    /// here as soon as the watch brings it back, before the answer goes.
+    fn change_in_store(&mut self, request: &Request) -> Response {
+        let Some(store) = self.store.fleet() else {
+            return Response::error("internal: no shared store");
+        };
+        let mut updates = store.updates();
+        let runtime = tokio::runtime::Handle::current();
+        let (message, revision) = match runtime.block_on(store.change(request)) {
+            Ok(done) => done,
+            Err(refusal) => return Response::error(refusal),
+        };
+        let seen = runtime.block_on(async {
+            let wait = updates.wait_for(|s| s.revision >= revision);
+            match tokio::time::timeout(Duration::from_secs(5), wait).await {
+                Ok(Ok(snapshot)) => Some(snapshot.clone()),
+                _ => None,
+            }
+        });
+        match seen {
+            Some(snapshot) => Response::Changed {
+                message: format!("{message} (etcd revision {revision})"),
+                reconcile: self.fleet_changed(snapshot),
+            },
+            None => Response::Changed {
+                message: format!(
+                    "{message}: written to etcd at revision {revision}; not seen back yet, \
+                     applied here once the watch delivers it"
+                ),
+                reconcile: None,
+            },
+        }
+    }
+
     fn next_hop(&mut self, id: u32, hop: Option<NextHop>) {
         // An update may arrive for an id a reconcile has just removed; the
         // resolver sends the right answer once it sees the new targets.
@@ -719,6 +811,9 @@ impl Control {
     /// A change of the desired state: made on a copy, validated,
     /// reconciled, saved; or refused with nothing changed.
     fn change(&mut self, request: &Request) -> Response {
+        if self.store.fleet().is_some() {
+            return self.change_in_store(request);
+        }
         let mut next = self.desired.clone();
         let message = match apply_change(&mut next, request) {
             Ok(message) => message,
@@ -967,6 +1062,7 @@ impl Control {
             vips: self.vip_views(),
             last_reconcile: self.last,
             counters,
+            store: self.store.fleet().map(EtcdStore::status),
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod demo;
+pub mod etcd;
 pub mod maglev;
 pub mod policy;
 pub mod reconcile;

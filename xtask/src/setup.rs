@@ -16,7 +16,14 @@ pub const BPF_LINKER_VERSION: &str = "0.10.3";
 /// Debian packages the build or the tests need. Add names here: `setup` runs
 /// `apt-get update` once and installs only the ones `dpkg-query` reports
 /// missing.
-pub const DEBIAN_PACKAGES: &[&str] = &[];
+pub const DEBIAN_PACKAGES: &[&str] = &[
+    // protoc: etcd-client generates its gRPC code from .proto files at build time.
+    "protobuf-compiler",
+    // ...and the well-known types (google/protobuf/*.proto) its files import.
+    "libprotobuf-dev",
+    // The fleet tests start a real etcd on loopback (`xlb run --store etcd://...`).
+    "etcd-server",
+];
 
 const BPFFS: &str = "/sys/fs/bpf";
 

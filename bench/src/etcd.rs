@@ -1,0 +1,187 @@
+//! `cargo xtask bench etcd`: how long a fleet takes to program what is
+//! written in etcd. A real etcd and three real `xlb run --store etcd://...`
+//! daemons (this benchmark's own binary, `xlb-bench xlb run ...`), each in
+//! its own namespace with the balancer attached (see `xlb_tests::fleet`),
+//! share one VIP whose cluster has 1 000 backends.
+//!
+//! One sample: N backends' weights are written straight into etcd (in
+//! transactions of 100 puts, as etcd allows), and the clock runs from the
+//! first write until every node reports, in `xlb status`, that it has
+//! programmed the revision of the last one. N = 1, 100 and 1 000. The
+//! status is polled every millisecond, so figures carry about a
+//! millisecond of resolution, and the poll itself shares the reconcile
+//! loop; a figure is the median (and the worst) of the runs.
+
+use std::{ffi::OsString, path::PathBuf, thread, time::Duration, time::Instant};
+
+use anyhow::{Result, ensure};
+use clap::Parser;
+use serde::Serialize;
+use xlb::dataplane::Limits;
+use xlb_tests::fleet::{Fleet, PREFIX};
+
+use crate::{machine::Machine, results::write_json};
+
+const DEFAULT_JSON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/results/etcd.json");
+const NODES: usize = 3;
+const BACKENDS: usize = 1000;
+/// A prime with 100 slots per backend for 1 000 backends.
+const RING: u32 = 100_003;
+const CHANGES: [usize; 3] = [1, 100, 1000];
+
+#[derive(Debug, Parser)]
+pub struct Args {
+    /// Samples per number of changes.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Where to write the results as JSON.
+    #[arg(long, default_value = DEFAULT_JSON)]
+    json: PathBuf,
+}
+
+#[derive(Serialize)]
+struct Report {
+    benchmark: &'static str,
+    method: Method,
+    machine: Machine,
+    results: Vec<Row>,
+}
+
+#[derive(Serialize)]
+struct Method {
+    nodes: usize,
+    backends: usize,
+    ring_size: u32,
+    runs: usize,
+    note: &'static str,
+}
+
+#[derive(Serialize)]
+struct Row {
+    changes: usize,
+    /// From the first write to the last node programming it.
+    median_ms: f64,
+    max_ms: f64,
+    /// Per change, at the median.
+    median_us_per_change: f64,
+    samples_ms: Vec<f64>,
+}
+
+fn backend_key(i: usize) -> String {
+    format!("{PREFIX}/v1/backends/web/c/b{i:04}")
+}
+
+fn backend_value(i: usize, weight: u32) -> String {
+    let addr = 0xc612_0000u32 + 256 + i as u32; // 198.18.1.0 + i
+    let addr = std::net::Ipv4Addr::from(addr);
+    format!("{{\"addr\":\"{addr}\",\"weight\":{weight}}}")
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    ensure!(args.runs > 0, "--runs must be at least 1");
+    let machine = Machine::describe();
+    let xlb: Vec<OsString> = vec![std::env::current_exe()?.into(), "xlb".into()];
+    let limits = Limits {
+        max_vips: 4,
+        max_backends: 2 * BACKENDS as u32,
+        ring_capacity: 2 * RING,
+        conntrack_size: 4096,
+    };
+    let fleet = Fleet::new("bench", &xlb, NODES, limits);
+    fleet.put(&[
+        (
+            format!("{PREFIX}/v1/vips/web"),
+            format!(
+                "{{\"addr\":\"198.18.100.1\",\"port\":80,\"proto\":\"tcp\",\"ring_size\":{RING}}}"
+            ),
+        ),
+        (format!("{PREFIX}/v1/clusters/web/c"), "{}".to_owned()),
+    ]);
+    let all: Vec<(String, String)> = (0..BACKENDS)
+        .map(|i| (backend_key(i), backend_value(i, 1)))
+        .collect();
+    let seeded = fleet.put(&all);
+    fleet.converge(seeded);
+    for i in 0..NODES {
+        let slots: u32 = fleet.rings(i).values().map(|(size, _, _)| *size).sum();
+        ensure!(
+            slots == RING,
+            "node {i} did not program the seeded VIP:\n{}",
+            fleet.logs()
+        );
+    }
+    println!(
+        "{} nodes on etcd, 1 VIP with {BACKENDS} backends, ring {RING}",
+        NODES
+    );
+
+    let mut results = Vec::new();
+    let mut weight = 1;
+    for &changes in &CHANGES {
+        let mut samples = Vec::new();
+        for _ in 0..args.runs {
+            weight = if weight == 1 { 2 } else { 1 };
+            let pairs: Vec<(String, String)> = (0..changes)
+                .map(|i| (backend_key(i), backend_value(i, weight)))
+                .collect();
+            let start = Instant::now();
+            let revision = fleet.put(&pairs);
+            let mut pending: Vec<usize> = (0..NODES).collect();
+            while !pending.is_empty() {
+                pending.retain(|&i| fleet.applied(i) < revision);
+                if !pending.is_empty() {
+                    thread::sleep(Duration::from_millis(1));
+                }
+            }
+            samples.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        let mut sorted = samples.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted[sorted.len() / 2];
+        results.push(Row {
+            changes,
+            median_ms: median,
+            max_ms: sorted[sorted.len() - 1],
+            median_us_per_change: median * 1e3 / changes as f64,
+            samples_ms: samples,
+        });
+    }
+    // Every node ended on the same rings.
+    let first = fleet.rings(0);
+    for i in 1..NODES {
+        ensure!(
+            fleet.rings(i) == first,
+            "node {i}'s rings differ from node 0's"
+        );
+    }
+    fleet.close();
+
+    let report = Report {
+        benchmark: "etcd",
+        method: Method {
+            nodes: NODES,
+            backends: BACKENDS,
+            ring_size: RING,
+            runs: args.runs,
+            note: "time from the first write into etcd (transactions of 100 puts) to the last \
+                   node reporting in `xlb status` that it programmed the last write's revision; \
+                   status polled every millisecond",
+        },
+        machine,
+        results,
+    };
+    println!("{}", report.machine.summary());
+    println!(
+        "{:>8} {:>12} {:>10} {:>16}",
+        "changes", "median ms", "max ms", "µs per change"
+    );
+    for row in &report.results {
+        println!(
+            "{:>8} {:>12.2} {:>10.2} {:>16.1}",
+            row.changes, row.median_ms, row.max_ms, row.median_us_per_change
+        );
+    }
+    write_json(&args.json, &report)?;
+    println!("\nwrote {}", args.json.display());
+    Ok(())
+}
