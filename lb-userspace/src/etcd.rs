@@ -505,7 +505,10 @@ impl EtcdStore {
         let layout = Layout::new(&url.prefix);
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
+            // A store cut off (not closed) shows in seconds, not when TCP
+            // gives up.
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true);
         let deadline = tokio::time::Instant::now() + START_PATIENCE;
         let mut backoff = BACKOFF_MIN;
         let (client, cache) = loop {
@@ -748,7 +751,9 @@ impl Follower {
     async fn run(mut self) {
         let mut backoff = BACKOFF_MIN;
         loop {
-            let err = self.follow(&mut backoff).await;
+            let Err(err) = self.follow(&mut backoff).await else {
+                continue;
+            };
             if self.tx.is_closed() {
                 return;
             }
@@ -769,23 +774,30 @@ impl Follower {
         }
     }
 
-    /// Watches from the revision after the cache's until the watch breaks;
-    /// says why it broke.
-    async fn follow(&mut self, backoff: &mut Duration) -> String {
+    /// Watches from the revision after the cache's until the watch breaks
+    /// (says why), or ends because etcd compacted that revision away (then
+    /// everything was read again, and the caller watches again at once).
+    async fn follow(&mut self, backoff: &mut Duration) -> Result<(), String> {
         let options = WatchOptions::new()
             .with_prefix()
             .with_start_revision(self.cache.revision + 1);
         let mut stream = match self.client.watch(self.layout.root(), Some(options)).await {
             Ok(stream) => stream,
-            Err(err) => return format!("watching {}: {err}", self.layout.root()),
+            Err(err) => return Err(format!("watching {}: {err}", self.layout.root())),
         };
         loop {
             let response = match stream.message().await {
                 Ok(Some(response)) => response,
-                Ok(None) => return "the watch ended".to_owned(),
-                Err(err) => return format!("the watch broke: {err}"),
+                Ok(None) => return Err("the watch ended".to_owned()),
+                Err(err) => return Err(format!("the watch broke: {err}")),
             };
-            if response.compact_revision() > 0 || response.canceled() {
+            if response.canceled() && response.compact_revision() == 0 {
+                return Err(format!(
+                    "etcd cancelled the watch: {}",
+                    response.cancel_reason()
+                ));
+            }
+            if response.compact_revision() > 0 {
                 info!(
                     "etcd at {}: revision {} is compacted away (oldest kept {}); reading everything again",
                     self.url,
@@ -802,10 +814,10 @@ impl Follower {
                         self.cache = cache;
                         self.publish(Vec::new());
                     }
-                    Ok(Err(err)) => return format!("reading {}: {err}", self.layout.root()),
-                    Err(err) => return format!("reading {}: {err}", self.layout.root()),
+                    Ok(Err(err)) => return Err(format!("reading {}: {err}", self.layout.root())),
+                    Err(err) => return Err(format!("reading {}: {err}", self.layout.root())),
                 }
-                return "the watch was cancelled after a compaction".to_owned();
+                return Ok(());
             }
             if response.created() && !self.metrics.connected.swap(true, Ordering::Relaxed) {
                 info!(
@@ -877,5 +889,167 @@ impl StateStore for EtcdStore {
 
     fn fleet(&self) -> Option<&EtcdStore> {
         Some(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node() -> NodeConfig {
+        NodeConfig {
+            source_v4: Some("198.18.0.1".parse().unwrap()),
+            ..NodeConfig::default()
+        }
+    }
+
+    fn web() -> DesiredState {
+        let mut vip = Vip::new(
+            "web",
+            "198.18.100.1".parse().unwrap(),
+            80,
+            crate::state::Proto::Tcp,
+        );
+        vip.ring_size = 1009;
+        let mut east = Cluster::new("east", 2, 0);
+        let mut e1 = Backend::new("e1", "198.18.1.1".parse().unwrap(), 3);
+        e1.admin = AdminState::Drained;
+        east.backends.insert("e1".into(), e1);
+        vip.clusters.insert("east".into(), east);
+        let mut state = DesiredState::default();
+        state.vips.insert("web".into(), vip);
+        state
+    }
+
+    fn cache(layout: &Layout, pairs: &[(String, Vec<u8>)]) -> Cache {
+        let mut cache = Cache::default();
+        for (revision, (key, value)) in pairs.iter().enumerate() {
+            cache.put(layout, key, value, revision as i64 + 1);
+        }
+        cache
+    }
+
+    #[test]
+    fn urls_name_endpoints_and_a_prefix() {
+        let url: EtcdUrl = "etcd://10.0.0.1:2379,10.0.0.2:2379/lb/prod/"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            url.endpoints,
+            ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+        );
+        assert_eq!(url.prefix, "lb/prod");
+        assert_eq!(
+            url.to_string(),
+            "etcd://10.0.0.1:2379,10.0.0.2:2379/lb/prod"
+        );
+        for (bad, why) in [
+            ("http://h:1/x", "etcd://"),
+            ("etcd://h:1", "no /PREFIX"),
+            ("etcd://h:1/", "PREFIX is empty"),
+            ("etcd://h/x", ":PORT"),
+            ("etcd://h:99999/x", "HOST:PORT"),
+            ("etcd://h:1/a b", "only letters"),
+        ] {
+            let err = bad.parse::<EtcdUrl>().unwrap_err().to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn one_key_per_object_and_back() {
+        let layout = Layout::new("xlb");
+        let keys = layout.encode(&web());
+        let names: Vec<&str> = keys.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "xlb/v1/backends/web/east/e1",
+                "xlb/v1/clusters/web/east",
+                "xlb/v1/vips/web"
+            ]
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&keys["xlb/v1/backends/web/east/e1"]),
+            r#"{"addr":"198.18.1.1","weight":3,"admin":"drained"}"#
+        );
+        let pairs: Vec<(String, Vec<u8>)> = keys.into_iter().collect();
+        let (state, malformed) = cache(&layout, &pairs).state(&layout, &node());
+        assert_eq!(state, web());
+        assert!(malformed.is_empty(), "{malformed:?}");
+    }
+
+    #[test]
+    fn bad_values_are_skipped_with_the_reason_and_the_rest_is_served() {
+        let layout = Layout::new("xlb");
+        let mut pairs: Vec<(String, Vec<u8>)> = layout.encode(&web()).into_iter().collect();
+        for (key, value) in [
+            ("xlb/v1/backends/web/east/torn", r#"{"addr": "#),
+            ("xlb/v1/backends/web/gone/b9", r#"{"addr": "198.18.1.9"}"#),
+            (
+                "xlb/v1/backends/web/east/self",
+                r#"{"addr": "198.18.100.1"}"#,
+            ),
+            ("xlb/v1/widgets/x", "{}"),
+            ("xlb/v1/vips/a/b", "{}"),
+            ("xlb/v2/vips/web", "whatever a later layout holds"),
+        ] {
+            pairs.push((key.to_owned(), value.as_bytes().to_vec()));
+        }
+        let (state, malformed) = cache(&layout, &pairs).state(&layout, &node());
+        assert_eq!(state, web());
+        let found: Vec<(&str, &str)> = malformed
+            .iter()
+            .map(|m| (m.key.as_str(), m.problem.as_str()))
+            .collect();
+        let expect = [
+            ("xlb/v1/backends/web/east/torn", "EOF while parsing"),
+            ("xlb/v1/vips/a/b", "expected vips<vip>"),
+            ("xlb/v1/widgets/x", "\"widgets\" is no kind of object"),
+            (
+                "xlb/v1/backends/web/gone/b9",
+                "cluster web/gone is not in the store",
+            ),
+            ("xlb/v1/backends/web/east/self", "the VIP's own address"),
+        ];
+        assert_eq!(found.len(), expect.len(), "{found:?}");
+        for ((key, problem), (want_key, want)) in found.iter().zip(expect) {
+            assert_eq!(*key, want_key);
+            assert!(problem.contains(want), "{key}: {problem}");
+        }
+    }
+
+    #[test]
+    fn a_change_is_guarded_by_the_keys_it_touches_and_their_parents() {
+        let layout = Layout::new("xlb");
+        let pairs: Vec<(String, Vec<u8>)> = layout.encode(&web()).into_iter().collect();
+        let current = web();
+        let mut next = current.clone();
+        let request = Request::BackendAdd {
+            vip: "web".into(),
+            cluster: "east".into(),
+            name: "e2".into(),
+            addr: "198.18.1.2".parse().unwrap(),
+            weight: None,
+        };
+        apply_change(&mut next, &request).unwrap();
+        let before = layout.encode(&current);
+        let after = layout.encode(&next);
+        let touched: Vec<&String> = after
+            .keys()
+            .filter(|k| before.get(*k) != after.get(*k))
+            .collect();
+        assert_eq!(touched, ["xlb/v1/backends/web/east/e2"]);
+        assert_eq!(
+            parent_keys(&layout, touched[0]),
+            ["xlb/v1/vips/web", "xlb/v1/clusters/web/east"]
+        );
+        assert_eq!(
+            children_prefixes(&layout, "xlb/v1/vips/web"),
+            ["xlb/v1/clusters/web/", "xlb/v1/backends/web/"]
+        );
+        // Every key of the cache keeps its revision for the comparisons.
+        let cache = cache(&layout, &pairs);
+        assert!(cache.objects.values().all(|(revision, _)| *revision > 0));
     }
 }

@@ -289,8 +289,15 @@ impl Fleet {
     /// Writes `pairs` (in transactions of at most 100 puts); returns the
     /// revision of the last write.
     pub fn put(&self, pairs: &[(String, String)]) -> i64 {
+        self.put_timed(pairs).0
+    }
+
+    /// [`Self::put`], also saying when the first write left (after the
+    /// connection to etcd was made).
+    pub fn put_timed(&self, pairs: &[(String, String)]) -> (i64, Instant) {
         let pairs = pairs.to_vec();
         self.etcd_call(async move |c| {
+            let started = Instant::now();
             let mut revision = 0;
             for chunk in pairs.chunks(TXN_OPS) {
                 let ops: Vec<TxnOp> = chunk
@@ -300,9 +307,27 @@ impl Fleet {
                 let done = c.txn(Txn::new().and_then(ops)).await?;
                 revision = done.header().map_or(0, |h| h.revision());
             }
-            Ok(revision)
+            Ok((revision, started))
         })
         .expect("writing to etcd")
+    }
+
+    /// Compacts etcd's history up to its current revision: a watch can no
+    /// longer start before it.
+    pub fn compact(&self) {
+        let revision = self.revision();
+        self.etcd_call(async move |c| c.compact(revision, None).await.map(drop))
+            .expect("compacting etcd");
+    }
+
+    /// Takes node `i`'s link down or up: the node is cut off from the store
+    /// without either side closing a connection.
+    pub fn cut_off(&self, i: usize, cut: bool) {
+        let state = if cut { "down" } else { "up" };
+        self.nodes[i]
+            .host
+            .ip(["link", "set", "eth0", state])
+            .expect("setting the node's link");
     }
 
     /// Runs the command line against node `i`.

@@ -17,13 +17,17 @@
 //! - etcd killed: every node says so in its status, keeps its rings, and a
 //!   change through the command line is refused with nothing changed;
 //!   etcd started again on its data: every node reconnects, nothing is
-//!   lost, and the next change reaches every node.
+//!   lost, and the next change reaches every node;
+//! - one node cut off the network while the others change things and etcd
+//!   compacts its history: back on the network, it reads everything again
+//!   and serves what the others do.
 
 use std::{collections::BTreeMap, net::IpAddr, thread, time::Duration};
 
 use xlb::{
     config,
     dataplane::Limits,
+    etcd::StoreStatus,
     reconcile::{NodeOptions, Reconciler},
     state::{AdminState, Backend, Cluster, DesiredState, Proto, Vip},
 };
@@ -104,6 +108,21 @@ fn assert_fleet_serves(fleet: &Fleet, state: &DesiredState, what: &str) {
             want.len(),
             fleet.logs()
         );
+    }
+}
+
+/// Waits (a minute at most: a guard, not a target) until node `i`'s store
+/// status satisfies `done`.
+fn wait_until(fleet: &Fleet, i: usize, what: &str, done: impl Fn(&StoreStatus) -> bool) {
+    let mut waited = Duration::ZERO;
+    while !done(&fleet.status(i).store.expect("store status")) {
+        assert!(
+            waited < Duration::from_secs(60),
+            "node {i} never {what}:\n{}",
+            fleet.logs()
+        );
+        thread::sleep(Duration::from_millis(50));
+        waited += Duration::from_millis(50);
     }
 }
 
@@ -254,16 +273,7 @@ fn a_fleet_on_etcd_agrees_through_changes_bad_values_and_a_store_outage() {
     let before: Vec<Rings> = (0..3).map(|i| fleet.rings(i)).collect();
     fleet.kill_etcd();
     for i in 0..3 {
-        let mut waited = Duration::ZERO;
-        while fleet.status(i).store.expect("store status").connected {
-            assert!(
-                waited < Duration::from_secs(60),
-                "node {i} never noticed:\n{}",
-                fleet.logs()
-            );
-            thread::sleep(Duration::from_millis(50));
-            waited += Duration::from_millis(50);
-        }
+        wait_until(&fleet, i, "noticed etcd is gone", |s| !s.connected);
         let shown = fleet.ok(i, &["status"]);
         assert!(shown.contains("UNREACHABLE"), "{shown}");
     }
@@ -299,5 +309,33 @@ fn a_fleet_on_etcd_agrees_through_changes_bad_values_and_a_store_outage() {
         assert!(store.reconnects >= 1, "node {i}: {store:?}");
         assert_eq!(store.last_error, None, "node {i}: {store:?}");
     }
+
+    // -- One node cut off while the others change things and etcd compacts
+    //    its history: back on the network, it reads everything again.
+    fleet.cut_off(2, true);
+    wait_until(&fleet, 2, "noticed it is cut off", |s| !s.connected);
+    fleet.ok(0, &["backend", "drain", "web", "east", "e2"]);
+    fleet.ok(1, &["backend", "del", "web", "east", "e3"]);
+    let east = expected
+        .vips
+        .get_mut("web")
+        .unwrap()
+        .clusters
+        .get_mut("east")
+        .unwrap();
+    east.backends.get_mut("e2").unwrap().admin = AdminState::Drained;
+    east.backends.remove("e3");
+    fleet.compact();
+    fleet.cut_off(2, false);
+    assert_fleet_serves(
+        &fleet,
+        &expected,
+        "after a cut-off node came back past a compaction",
+    );
+    assert!(
+        fleet.logs().contains("compacted away"),
+        "node 2 did not read everything again:\n{}",
+        fleet.logs()
+    );
     fleet.close();
 }
