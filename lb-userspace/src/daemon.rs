@@ -5,7 +5,8 @@
 //!
 //! ```text
 //!  control API ──(Call: request + oneshot reply)──┐
-//!  health (all Up until probes exist) ──(watch)───┼──► reconcile loop ──► maps
+//!  health (all Up until probes exist) ──(watch)───┤
+//!  etcd (--store: every revision) ──(watch)───────┼──► reconcile loop ──► maps
 //!  next-hop resolver ──(id, next hop)─────────────┘        │
 //!        ▲                                                 │
 //!        └──────────(watch: backend id → address)──────────┘
@@ -99,7 +100,7 @@ fn dp_err(context: impl Into<String>) -> impl FnOnce(DataplaneError) -> DaemonEr
 // Where the desired state lives between runs.
 
 /// The source of truth for VIPs, clusters and backends across restarts:
-/// the local state file now, a shared store (etcd) for a fleet later.
+/// the local state file, or a store a fleet shares ([`EtcdStore`]).
 pub trait StateStore: Send {
     /// Where it is, for logs and status.
     fn location(&self) -> PathBuf;

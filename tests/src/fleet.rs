@@ -392,6 +392,11 @@ impl Fleet {
         read_rings(&self.nodes[i].pin_dir)
     }
 
+    /// Node `i`'s log so far.
+    pub fn log(&self, i: usize) -> String {
+        fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
+    }
+
     pub fn logs(&self) -> String {
         let mut out = String::new();
         for (i, node) in self.nodes.iter().enumerate() {
