@@ -9,6 +9,7 @@ mod control;
 mod dataplane;
 mod health;
 mod live;
+mod etcd;
 mod machine;
 mod maglev;
 mod peer;
@@ -54,6 +55,16 @@ enum Bench {
     /// Maglev build time and backend change -> all rings programmed, for
     /// 10/100/1000 backends x 1/10/100 VIPs.
     Control(control::Args),
+    /// Time from a write in etcd to rings programmed on every node of a
+    /// fleet of three, for 1, 100 and 1 000 backend changes.
+    Etcd(etcd::Args),
+    /// The `xlb` command line itself: the etcd benchmark runs its daemons
+    /// as `xlb-bench xlb run ...`.
+    #[command(hide = true)]
+    Xlb {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 /// The short versions `--quick` runs, in order: name, then arguments.
@@ -78,10 +89,11 @@ const QUICK: &[&[&str]] = &[
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match (cli.bench, cli.quick) {
+        (Some(Bench::Xlb { args }), _) => return xlb(args),
         (Some(bench), _) => run(bench),
         (None, true) => quick(),
         (None, false) => Err(anyhow::anyhow!(
-            "name a benchmark (dataplane, maglev, health, live, peer, control, scale; see --help), \
+            "name a benchmark (dataplane, maglev, health, etcd, live, peer, control, scale; see --help), \
              or give --quick for a short run of all of them"
         )),
     };
@@ -124,5 +136,25 @@ fn run(bench: Bench) -> anyhow::Result<()> {
         Bench::Peer(args) => peer::run(&args),
         Bench::Scale(args) => scale::run(&args),
         Bench::Control(args) => control::run(&args),
+        Bench::Etcd(args) => etcd::run(&args),
+        Bench::Xlb { .. } => Err(anyhow::anyhow!("`xlb` runs the xlb command line, not a benchmark")),
+    }
+}
+
+/// `xlb-bench xlb ARGS`: what `xlb ARGS` does.
+fn xlb(args: Vec<std::ffi::OsString>) -> ExitCode {
+    let level = if args.first().is_some_and(|a| a == "run") {
+        "info"
+    } else {
+        "warn"
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+    let cli = xlb::cli::Cli::parse_from(std::iter::once("xlb".into()).chain(args));
+    match xlb::cli::run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -511,6 +511,9 @@ pub struct Status {
     /// Probe counters and transition latency, when anything is probed.
     #[serde(default)]
     pub health: Option<crate::health::HealthSnapshot>,
+    /// The fleet's store, when the node runs on one (`--store etcd://...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<crate::etcd::StoreStatus>,
 }
 
 // ---------------------------------------------------------------------------

@@ -119,6 +119,10 @@ struct RunArgs {
     /// The config file
     #[arg(long, short, value_name = "FILE")]
     config: PathBuf,
+    /// Keep VIPs, clusters and backends in etcd, shared by a fleet of
+    /// nodes, instead of node.state_file (see README, "A fleet on etcd")
+    #[arg(long, value_name = "etcd://HOST:PORT[,HOST:PORT...]/PREFIX")]
+    store: Option<String>,
     /// The XDP program's log level, overriding node.xdp_log (its lines go
     /// to this log); off costs nothing per packet
     #[arg(long, value_enum, value_name = "LEVEL")]
@@ -391,7 +395,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Doctor(args) => return doctor_command(args),
         Command::Pktgen(args) => return crate::pktgen::command(args),
         Command::Run(args) => {
-            daemon::run(&args.config, args.xdp_log)?;
+            daemon::run(&args.config, args.xdp_log, args.store.as_deref())?;
             return Ok(ExitCode::SUCCESS);
         }
         Command::Vip(command) => vip_request(command),
@@ -797,6 +801,30 @@ fn duration(secs: u64) -> String {
     }
 }
 
+fn store_text(out: &mut String, store: &crate::etcd::StoreStatus) {
+    let link = if store.connected {
+        "connected".to_owned()
+    } else {
+        format!(
+            "UNREACHABLE ({}): forwarding with the last applied state",
+            store.last_error.as_deref().unwrap_or("no answer")
+        )
+    };
+    let _ = writeln!(
+        out,
+        "store:      {} revision {} applied (seen {}), {link}",
+        store.url, store.applied_revision, store.seen_revision
+    );
+    let _ = writeln!(
+        out,
+        "            reconnects {}, malformed values seen {}, refused by the data plane {}",
+        store.reconnects, store.malformed_total, store.apply_failures
+    );
+    for bad in &store.malformed {
+        let _ = writeln!(out, "  skipped {}: {}", bad.key, bad.problem);
+    }
+}
+
 fn status_text(status: &Status) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -859,6 +887,9 @@ fn status_text(status: &Status) -> String {
             h.latency.last_micros,
             h.latency.max_micros,
         );
+    }
+    if let Some(store) = &status.store {
+        store_text(&mut out, store);
     }
     if status.vips.is_empty() {
         out.push_str("\nno VIPs\n");

@@ -5,7 +5,8 @@
 //!
 //! ```text
 //!  control API ──(Call: request + oneshot reply)──┐
-//!  health prober ──(watch: address → health)────┼──► reconcile loop ──► maps
+//!  health prober ──(watch: address → health)────┤
+//!  etcd (--store: every revision) ──(watch)───────┼──► reconcile loop ──► maps
 //!  next-hop resolver ──(id, next hop)─────────────┘        │
 //!        ▲                                                 │
 //!        └──────────(watch: backend id → address)──────────┤
@@ -41,8 +42,8 @@ use std::{
     io::{self, Write},
     net::IpAddr,
     path::{Path, PathBuf},
-    sync::Arc,
-    time::Instant,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
 };
 
 use lb_common::{BACKEND_F_UP, Counter, NextHop, VipInfo, VipKey, ip_from_addr};
@@ -61,6 +62,7 @@ use crate::{
     },
     health::{HealthBoard, ProbeConfig, ProbeTarget, Prober, prober::DEFAULT_IN_FLIGHT},
     metrics::{self, MetricsError, MetricsServer, Stats, Telemetry},
+    etcd::{EtcdStore, Snapshot, StoreError},
     policy::{self, Locality, Mode, Shares},
     reconcile::{NodeOptions, Plan, PlannedBackend, PlannedVip, ReconcileError, Reconciler},
     state::{AdminState, Backend, Cluster, DesiredState, Health, Vip},
@@ -87,6 +89,8 @@ pub enum DaemonError {
     Api(#[from] crate::api::BindError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("the reconcile loop failed: {0}")]
     Loop(String),
     #[error("{context}: {source}")]
@@ -106,7 +110,7 @@ fn dp_err(context: impl Into<String>) -> impl FnOnce(DataplaneError) -> DaemonEr
 // Where the desired state lives between runs.
 
 /// The source of truth for VIPs, clusters and backends across restarts:
-/// the local state file now, a shared store (etcd) for a fleet later.
+/// the local state file, or a store a fleet shares ([`EtcdStore`]).
 pub trait StateStore: Send {
     /// Where it is, for logs and status.
     fn location(&self) -> PathBuf;
@@ -117,6 +121,11 @@ pub trait StateStore: Send {
     /// Sets a saved state that cannot be used aside, so that it is neither
     /// used nor lost; returns where it went.
     fn reject(&mut self) -> Option<PathBuf>;
+    /// A store shared by a fleet (etcd) makes the API's changes itself and
+    /// pushes every change, this node's too, into the reconcile loop.
+    fn fleet(&self) -> Option<&EtcdStore> {
+        None
+    }
 }
 
 /// `node.state_file`: the whole desired state in the config's `[vip]`
@@ -182,8 +191,14 @@ impl StateStore for FileStore {
 
 /// `xlb run`: loads `config_path` and serves until SIGTERM or SIGINT (or
 /// `xlb detach`). Blocks; builds its own tokio runtime.
-/// `xdp_log`, when given, overrides the config's `node.xdp_log`.
-pub fn run(config_path: &Path, xdp_log: Option<XdpLog>) -> Result<(), DaemonError> {
+/// `xlb run`. `xdp_log`, when given, overrides the config's `node.xdp_log`;
+/// with `store` (`etcd://...`) the desired state lives there, else in the
+/// config's `node.state_file`.
+pub fn run(
+    config_path: &Path,
+    xdp_log: Option<XdpLog>,
+    store: Option<&str>,
+) -> Result<(), DaemonError> {
     let mut config = config::load(config_path)?;
     if let Some(level) = xdp_log {
         config.node.xdp_log = level;
@@ -199,8 +214,11 @@ pub fn run(config_path: &Path, xdp_log: Option<XdpLog>) -> Result<(), DaemonErro
         })?;
     runtime.block_on(async {
         let shutdown = shutdown_signal()?;
-        let store = FileStore::new(&config.node.state_file);
-        serve(config_path, config, Box::new(store), shutdown).await
+        let store: Box<dyn StateStore> = match store {
+            None => Box::new(FileStore::new(&config.node.state_file)),
+            Some(url) => Box::new(EtcdStore::open(url.parse()?, &config.node).await?),
+        };
+        serve(config_path, config, store, shutdown).await
     })
 }
 
@@ -299,6 +317,10 @@ pub async fn serve(
         );
         reconciler.resume(programmed);
     }
+    // A local store pushes nothing: its sender is gone at once.
+    let fleet = store
+        .fleet()
+        .map_or_else(|| watch::channel(Snapshot::default()).1, EtcdStore::updates);
     let (targets_tx, targets_rx) = watch::channel(BTreeMap::new());
     let (health_tx, health_rx) = watch::channel(BTreeMap::new());
     let prober = Prober::new(DEFAULT_IN_FLIGHT);
@@ -379,7 +401,7 @@ pub async fn serve(
     });
     let api = tokio::spawn(listener.serve(calls_tx, stop_rx.clone()));
     tokio::spawn(prober.run(probe_targets_rx, health_tx));
-    let mut control_loop = tokio::spawn(control.run(calls_rx, hops_rx, health_rx, stop_rx));
+    let mut control_loop = tokio::spawn(control.run(calls_rx, hops_rx, health_rx, fleet, stop_rx));
 
     let ended = tokio::select! {
         () = shutdown => None,
@@ -641,8 +663,15 @@ impl Control {
         mut calls: mpsc::Receiver<Call>,
         mut hops: mpsc::Receiver<(u32, Option<NextHop>)>,
         mut health: watch::Receiver<BTreeMap<IpAddr, Health>>,
+        mut fleet: watch::Receiver<Snapshot>,
         mut stop: watch::Receiver<bool>,
     ) -> End {
+        let mut fleet_open = self.store.fleet().is_some();
+        if fleet_open {
+            // The state programmed at start is this snapshot's.
+            let first = fleet.borrow_and_update().clone();
+            tokio::task::block_in_place(|| self.fleet_changed(first));
+        }
         let mut health_open = true;
         let mut hops_open = true;
         loop {
@@ -672,6 +701,14 @@ impl Control {
                     }
                     let (next, decided) = self.board.read_health(&mut health);
                     tokio::task::block_in_place(|| self.health_changed(next, &decided));
+                }
+                changed = fleet.changed(), if fleet_open => {
+                    if changed.is_err() {
+                        fleet_open = false;
+                        continue;
+                    }
+                    let next = fleet.borrow_and_update().clone();
+                    tokio::task::block_in_place(|| self.fleet_changed(next));
                 }
                 hop = hops.recv(), if hops_open => match hop {
                     Some((id, hop)) => self.next_hop(id, hop),
@@ -799,6 +836,62 @@ impl Control {
         })
     }
 
+    /// Programs what the fleet's store holds at a new revision; returns the
+    /// reconcile's report when something had to be written. A snapshot the
+    /// data plane refuses leaves the previous one programmed.
+    fn fleet_changed(&mut self, snapshot: Snapshot) -> Option<ReconcileReport> {
+        let metrics = self.store.fleet()?.metrics();
+        let mut report = None;
+        if *snapshot.state != self.desired {
+            let why = format!("etcd revision {}", snapshot.revision);
+            match self.reconcile_to(snapshot.state.as_ref().clone(), &why, true) {
+                Ok(done) => report = Some(done),
+                Err(_) => {
+                    metrics.apply_failures.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+            }
+        }
+        metrics
+            .applied_revision
+            .fetch_max(snapshot.revision, Ordering::Relaxed);
+        report
+    }
+
+    /// A change on a node of a fleet: written to the store, then applied
+    /// here as soon as the watch brings it back, before the answer goes.
+    fn change_in_store(&mut self, request: &Request) -> Response {
+        let Some(store) = self.store.fleet() else {
+            return Response::error("internal: no shared store");
+        };
+        let mut updates = store.updates();
+        let runtime = tokio::runtime::Handle::current();
+        let (message, revision) = match runtime.block_on(store.change(request)) {
+            Ok(done) => done,
+            Err(refusal) => return Response::error(refusal),
+        };
+        let seen = runtime.block_on(async {
+            let wait = updates.wait_for(|s| s.revision >= revision);
+            match tokio::time::timeout(Duration::from_secs(5), wait).await {
+                Ok(Ok(snapshot)) => Some(snapshot.clone()),
+                _ => None,
+            }
+        });
+        match seen {
+            Some(snapshot) => Response::Changed {
+                message: format!("{message} (etcd revision {revision})"),
+                reconcile: self.fleet_changed(snapshot),
+            },
+            None => Response::Changed {
+                message: format!(
+                    "{message}: written to etcd at revision {revision}; not seen back yet, \
+                     applied here once the watch delivers it"
+                ),
+                reconcile: None,
+            },
+        }
+    }
+
     fn next_hop(&mut self, id: u32, hop: Option<NextHop>) {
         // An update may arrive for an id a reconcile has just removed; the
         // resolver sends the right answer once it sees the new targets.
@@ -848,6 +941,9 @@ impl Control {
     /// A change of the desired state: made on a copy, validated,
     /// reconciled, saved; or refused with nothing changed.
     fn change(&mut self, request: &Request) -> Response {
+        if self.store.fleet().is_some() {
+            return self.change_in_store(request);
+        }
         let mut next = self.desired.clone();
         let message = match apply_change(&mut next, request) {
             Ok(message) => message,
@@ -1121,6 +1217,7 @@ impl Control {
             last_reconcile: self.last,
             counters,
             health: (!self.probes.is_empty()).then(|| self.board.snapshot()),
+            store: self.store.fleet().map(EtcdStore::status),
         }
     }
 }

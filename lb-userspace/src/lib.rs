@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod demo;
 pub mod doctor;
 pub mod health;
+pub mod etcd;
 pub mod maglev;
 pub mod metrics;
 pub mod monitor;

@@ -19,6 +19,9 @@
 //! - [`counters`]: counter snapshots and deltas, to assert exactly which
 //!   counters a packet moved.
 //!
+//! - [`fleet`]: [`fleet::Fleet`], a real etcd and several real `xlb run
+//!   --store etcd://...` daemons, each in its own namespace, and their maps.
+//!
 //! Every fixture lives in a network namespace of its own (see
 //! [`enter_private_netns`]), and [`privileged`] decides whether a test may
 //! skip for lack of root: only outside CI.
@@ -26,6 +29,7 @@
 pub mod counters;
 pub mod expect;
 pub mod fixture;
+pub mod fleet;
 pub mod packet;
 pub mod stream;
 pub mod world;

@@ -22,6 +22,12 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "prometheus",
     // trafgen: the generator `cargo xtask bench peer` compares xlb's pktgen with.
     "netsniff-ng",
+    // protoc: etcd-client generates its gRPC code from .proto files at build time.
+    "protobuf-compiler",
+    // ...and the well-known types (google/protobuf/*.proto) its files import.
+    "libprotobuf-dev",
+    // The fleet tests start a real etcd on loopback (`xlb run --store etcd://...`).
+    "etcd-server",
 ];
 
 const BPFFS: &str = "/sys/fs/bpf";

@@ -1,0 +1,540 @@
+//! A fleet site: a real etcd (Debian's etcd-server) and several real
+//! `xlb run --store etcd://...` daemons, each in a namespace of its own with
+//! the balancer attached to its `eth0`, all on one bridge in 198.18.0.0/24.
+//!
+//! etcd runs in the `store` namespace at 198.18.0.50 (client port 2379,
+//! peer port 2380: the namespace makes them unique), with its data in the
+//! site's scratch directory, so that it can be killed and started again on
+//! the same data. Everything (daemons, etcd, namespaces, the bpffs mount
+//! holding every node's pins, the scratch directory) is removed on drop,
+//! also while a failed test unwinds.
+
+use std::{
+    collections::BTreeMap,
+    ffi::{CString, OsString},
+    fs, io,
+    net::{IpAddr, Ipv4Addr},
+    os::unix::ffi::OsStrExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{Array, HashMap, Map, MapData};
+use etcd_client::{Client as EtcdClient, Txn, TxnOp};
+use lb_common::{Backend as BackendEntry, VipInfo, VipKey, ip_from_addr, map_names};
+use xlb::{
+    api::{Client, Request, Response, Status},
+    dataplane::Limits,
+    topology::{Host, LinkOpts, Spawned, Topology},
+};
+
+pub const STORE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 50);
+pub const PREFIX: &str = "fleet";
+/// Long enough for a loaded machine; a guard against hanging, not a target.
+const PATIENCE: Duration = Duration::from_secs(60);
+/// etcd refuses transactions of more operations than this by default.
+const TXN_OPS: usize = 100;
+
+/// The kernel's view of one node: per VIP its entry's ring size and flags
+/// and its ring as the backend addresses the slots name (ids may differ
+/// between nodes; what Maglev decides may not).
+pub type Rings = BTreeMap<VipKey, (u32, u32, Vec<Option<IpAddr>>)>;
+
+pub struct FleetNode {
+    pub host: Host,
+    pub addr: Ipv4Addr,
+    pub socket: PathBuf,
+    pub pin_dir: PathBuf,
+    pub config: PathBuf,
+    log: PathBuf,
+    process: Option<Spawned>,
+}
+
+/// Fields drop in order: daemons, etcd, namespaces, mount, files.
+pub struct Fleet {
+    pub nodes: Vec<FleetNode>,
+    etcd: Option<Spawned>,
+    pub store: Host,
+    topology: Topology,
+    bpffs: PathBuf,
+    scratch: PathBuf,
+    /// The `xlb` command line: a program and the arguments it needs first.
+    xlb: Vec<OsString>,
+    etcd_starts: u32,
+}
+
+impl Fleet {
+    /// Builds the site, starts etcd and `nodes` daemons, and waits until
+    /// every daemon answers. `xlb` is the command line: the program, then
+    /// any arguments it needs before xlb's own.
+    pub fn new(tag: &str, xlb: &[OsString], nodes: usize, limits: Limits) -> Fleet {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let scratch = std::env::temp_dir().join(format!(
+            "xlb-fleet-{}-{}-{tag}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&scratch);
+        fs::create_dir_all(&scratch).expect("creating the scratch directory");
+        let bpffs = scratch.join("bpf");
+        mount_bpffs(&bpffs);
+        let topology = Topology::new(&format!("fleet-{tag}")).expect("topology");
+        let fabric = topology.bridge("fabric").expect("fabric");
+        let store = topology.host("store").expect("store host");
+        topology
+            .link(
+                &store,
+                &fabric,
+                LinkOpts::new().addr_a(format!("{STORE_ADDR}/24")),
+            )
+            .expect("linking the store");
+        let mut fleet = Fleet {
+            nodes: Vec::new(),
+            etcd: None,
+            store,
+            topology,
+            bpffs,
+            scratch,
+            xlb: xlb.to_vec(),
+            etcd_starts: 0,
+        };
+        fleet.start_etcd();
+        for i in 0..nodes {
+            let addr = Ipv4Addr::new(198, 18, 0, 3 + i as u8);
+            let host = fleet.topology.host(&format!("n{i}")).expect("node host");
+            fleet
+                .topology
+                .link(
+                    &host,
+                    &fabric,
+                    LinkOpts::new()
+                        .addr_a(format!("{addr}/24"))
+                        .names("eth0", format!("port-n{i}")),
+                )
+                .expect("linking a node");
+            let dir = fleet.scratch.join(format!("n{i}"));
+            fs::create_dir_all(&dir).expect("node directory");
+            let socket = dir.join("xlb.sock");
+            let pin_dir = fleet.bpffs.join(format!("n{i}"));
+            let config = dir.join("xlb.toml");
+            fs::write(
+                &config,
+                format!(
+                    "[node]\n\
+                     interfaces = [\"eth0\"]\n\
+                     attach_mode = \"native\"\n\
+                     source_v4 = \"{addr}\"\n\
+                     api_socket = \"{}\"\n\
+                     state_file = \"{}\"\n\
+                     pin_path = \"{}\"\n\
+                     [node.limits]\n\
+                     max_vips = {}\n\
+                     max_backends = {}\n\
+                     ring_capacity = {}\n\
+                     conntrack_size = {}\n",
+                    socket.display(),
+                    dir.join("state.toml").display(),
+                    pin_dir.display(),
+                    limits.max_vips,
+                    limits.max_backends,
+                    limits.ring_capacity,
+                    limits.conntrack_size,
+                ),
+            )
+            .expect("writing a node's config");
+            fleet.nodes.push(FleetNode {
+                host,
+                addr,
+                socket,
+                pin_dir,
+                log: dir.join("daemon.log"),
+                config,
+                process: None,
+            });
+        }
+        for i in 0..nodes {
+            fleet.start_node(i);
+        }
+        fleet
+    }
+
+    pub fn store_url(&self) -> String {
+        format!("etcd://{STORE_ADDR}:2379/{PREFIX}")
+    }
+
+    fn endpoint() -> String {
+        format!("http://{STORE_ADDR}:2379")
+    }
+
+    /// Starts etcd on its data directory (kept from an earlier start) and
+    /// waits until it answers.
+    pub fn start_etcd(&mut self) {
+        assert!(self.etcd.is_none(), "etcd runs already");
+        self.etcd_starts += 1;
+        let log = fs::File::create(self.scratch.join(format!("etcd-{}.log", self.etcd_starts)))
+            .expect("etcd log");
+        let client = Self::endpoint();
+        let peer = format!("http://{STORE_ADDR}:2380");
+        let mut command = self.store.command("etcd");
+        command
+            .arg("--name=store")
+            .arg(format!(
+                "--data-dir={}",
+                self.scratch.join("etcd").display()
+            ))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=store={peer}"))
+            .stdout(log.try_clone().expect("etcd log"))
+            .stderr(log);
+        self.etcd = Some(self.store.spawn(&mut command).expect("starting etcd"));
+        let deadline = Instant::now() + PATIENCE;
+        while self.try_revision().is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not answer:\n{}",
+                self.logs()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills etcd (SIGKILL: the hardest way a store can go).
+    pub fn kill_etcd(&mut self) {
+        drop(self.etcd.take().expect("etcd runs"));
+    }
+
+    pub fn start_node(&mut self, i: usize) {
+        let url = self.store_url();
+        let node = &mut self.nodes[i];
+        assert!(node.process.is_none(), "node {i} runs already");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .expect("daemon log");
+        let mut command = node.host.command(&self.xlb[0]);
+        command
+            .args(&self.xlb[1..])
+            .args(["run", "--config"])
+            .arg(&node.config)
+            .args(["--store", &url])
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().expect("daemon log"))
+            .stderr(log);
+        let process = node.host.spawn(&mut command).expect("starting xlb run");
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = process.try_wait().expect("polling the daemon") {
+                panic!(
+                    "node {i}: xlb run exited at start ({status}):\n{}",
+                    self.logs()
+                );
+            }
+            if Client::connect(&node.socket)
+                .and_then(|mut c| c.call(&Request::Status))
+                .is_ok()
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {i} did not answer:\n{}",
+                self.logs()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        node.process = Some(process);
+    }
+
+    /// Runs etcd calls from the store's namespace.
+    fn etcd_call<R: Send>(
+        &self,
+        call: impl AsyncFnOnce(&mut EtcdClient) -> Result<R, etcd_client::Error> + Send,
+    ) -> Result<R, etcd_client::Error> {
+        self.store
+            .run_in(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime");
+                runtime.block_on(async {
+                    let options = etcd_client::ConnectOptions::new()
+                        .with_connect_timeout(Duration::from_secs(2))
+                        .with_timeout(Duration::from_secs(5));
+                    let mut client = EtcdClient::connect([Self::endpoint()], Some(options)).await?;
+                    call(&mut client).await
+                })
+            })
+            .expect("entering the store's namespace")
+    }
+
+    fn try_revision(&self) -> Result<i64, etcd_client::Error> {
+        self.etcd_call(async |c| {
+            let got = c.get("/", None).await?;
+            Ok(got.header().map_or(0, |h| h.revision()))
+        })
+    }
+
+    /// The store's current revision.
+    pub fn revision(&self) -> i64 {
+        self.try_revision().expect("asking etcd its revision")
+    }
+
+    /// Writes `pairs` (in transactions of at most 100 puts); returns the
+    /// revision of the last write.
+    pub fn put(&self, pairs: &[(String, String)]) -> i64 {
+        self.put_timed(pairs).0
+    }
+
+    /// [`Self::put`], also saying when the first write left (after the
+    /// connection to etcd was made).
+    pub fn put_timed(&self, pairs: &[(String, String)]) -> (i64, Instant) {
+        let pairs = pairs.to_vec();
+        self.etcd_call(async move |c| {
+            let started = Instant::now();
+            let mut revision = 0;
+            for chunk in pairs.chunks(TXN_OPS) {
+                let ops: Vec<TxnOp> = chunk
+                    .iter()
+                    .map(|(k, v)| TxnOp::put(k.as_str(), v.as_str(), None))
+                    .collect();
+                let done = c.txn(Txn::new().and_then(ops)).await?;
+                revision = done.header().map_or(0, |h| h.revision());
+            }
+            Ok((revision, started))
+        })
+        .expect("writing to etcd")
+    }
+
+    /// Compacts etcd's history up to its current revision: a watch can no
+    /// longer start before it.
+    pub fn compact(&self) {
+        let revision = self.revision();
+        self.etcd_call(async move |c| c.compact(revision, None).await.map(drop))
+            .expect("compacting etcd");
+    }
+
+    /// Takes node `i`'s link down or up: the node is cut off from the store
+    /// without either side closing a connection.
+    pub fn cut_off(&self, i: usize, cut: bool) {
+        let state = if cut { "down" } else { "up" };
+        self.nodes[i]
+            .host
+            .ip(["link", "set", "eth0", state])
+            .expect("setting the node's link");
+    }
+
+    /// Runs the command line against node `i`.
+    pub fn xlb(&self, i: usize, args: &[&str]) -> Output {
+        Command::new(&self.xlb[0])
+            .args(&self.xlb[1..])
+            .arg("--socket")
+            .arg(&self.nodes[i].socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running xlb")
+    }
+
+    /// A command that must succeed on node `i`; its standard output.
+    pub fn ok(&self, i: usize, args: &[&str]) -> String {
+        let out = self.xlb(i, args);
+        assert!(
+            out.status.success(),
+            "node {i}: xlb {}: {}\n{}\n{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+
+    pub fn status(&self, i: usize) -> Status {
+        let answer = Client::connect(&self.nodes[i].socket)
+            .and_then(|mut c| c.call(&Request::Status))
+            .unwrap_or_else(|err| panic!("node {i}: status: {err}\n{}", self.logs()));
+        match answer {
+            Response::Status { status } => *status,
+            other => panic!("node {i}: status answered {other:?}"),
+        }
+    }
+
+    /// The store revision node `i` has programmed.
+    pub fn applied(&self, i: usize) -> i64 {
+        self.status(i).store.map_or(0, |s| s.applied_revision)
+    }
+
+    /// Waits until every node has programmed `revision` (or a later one).
+    pub fn converge(&self, revision: i64) {
+        let deadline = Instant::now() + PATIENCE;
+        for i in 0..self.nodes.len() {
+            while self.applied(i) < revision {
+                assert!(
+                    Instant::now() < deadline,
+                    "node {i} is still at revision {} of {revision}:\n{}",
+                    self.applied(i),
+                    self.logs()
+                );
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// What node `i`'s kernel maps hold.
+    pub fn rings(&self, i: usize) -> Rings {
+        read_rings(&self.nodes[i].pin_dir)
+    }
+
+    /// Node `i`'s log so far.
+    pub fn log(&self, i: usize) -> String {
+        fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
+    }
+
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            out.push_str(&format!("--- node {i}:\n"));
+            out.push_str(&fs::read_to_string(&node.log).unwrap_or_default());
+        }
+        for k in 1..=self.etcd_starts {
+            let log =
+                fs::read_to_string(self.scratch.join(format!("etcd-{k}.log"))).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(10).collect();
+            out.push_str(&format!("--- etcd run {k} (last lines):\n"));
+            for line in tail.into_iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// Stops everything and checks that nothing is left: namespaces,
+    /// mount, files, processes.
+    pub fn close(mut self) {
+        let pids: Vec<u32> = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.process.as_ref().map(Spawned::pid))
+            .chain(self.etcd.as_ref().map(Spawned::pid))
+            .collect();
+        for node in &mut self.nodes {
+            if let Some(process) = node.process.take() {
+                stop(process);
+            }
+        }
+        let prefix = self.topology.prefix().to_owned();
+        let (mount, dir) = (self.bpffs.clone(), self.scratch.clone());
+        drop(self);
+        assert_eq!(
+            Topology::leftovers(&prefix).expect("listing namespaces"),
+            Vec::<String>::new()
+        );
+        let mounts = fs::read_to_string("/proc/self/mounts").expect("mounts");
+        assert!(
+            !mounts
+                .lines()
+                .any(|l| l.split(' ').nth(1) == mount.to_str()),
+            "{} is still mounted",
+            mount.display()
+        );
+        assert!(!dir.exists(), "{} is still there", dir.display());
+        for pid in pids {
+            // SAFETY: signal 0 only checks that the process exists.
+            assert!(
+                unsafe { libc::kill(pid as libc::pid_t, 0) } != 0,
+                "{pid} still runs"
+            );
+        }
+    }
+}
+
+/// SIGTERM, then up to 10 s for a clean exit; the guard kills it after.
+fn stop(process: Spawned) {
+    // SAFETY: plain kill(2) of a child this harness started.
+    unsafe { libc::kill(process.pid() as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while process.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            drop(node.process.take());
+        }
+        drop(self.etcd.take());
+        let target = CString::new(self.bpffs.as_os_str().as_bytes()).expect("mount point");
+        // SAFETY: a NUL-terminated path that outlives the call. Lazily, so
+        // that a descriptor still open does not keep it mounted.
+        if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
+            eprintln!(
+                "umount {}: {}",
+                self.bpffs.display(),
+                io::Error::last_os_error()
+            );
+        }
+        if let Err(err) = fs::remove_dir_all(&self.scratch) {
+            eprintln!("removing {}: {err}", self.scratch.display());
+        }
+    }
+}
+
+fn mount_bpffs(at: &Path) {
+    fs::create_dir_all(at).expect("creating the bpffs mount point");
+    let target = CString::new(at.as_os_str().as_bytes()).expect("mount point path");
+    // SAFETY: NUL-terminated strings that outlive the call; bpffs takes no
+    // data.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "mount -t bpf bpf {}: {}",
+        at.display(),
+        io::Error::last_os_error()
+    );
+}
+
+fn pinned(pin_dir: &Path, name: &str) -> MapData {
+    MapData::from_pin(pin_dir.join(name))
+        .unwrap_or_else(|err| panic!("opening the pinned {name}: {err}"))
+}
+
+/// Every VIP's ring in a node's pinned maps, by backend address.
+pub fn read_rings(pin_dir: &Path) -> Rings {
+    let vips: HashMap<MapData, VipKey, VipInfo> =
+        HashMap::try_from(Map::HashMap(pinned(pin_dir, map_names::VIPS))).expect("VIPS");
+    let rings: Array<MapData, u32> =
+        Array::try_from(Map::Array(pinned(pin_dir, map_names::RINGS))).expect("RINGS");
+    let backends: Array<MapData, BackendEntry> =
+        Array::try_from(Map::Array(pinned(pin_dir, map_names::BACKENDS))).expect("BACKENDS");
+    let mut out = Rings::new();
+    for entry in vips.iter() {
+        let (key, info) = entry.expect("reading VIPS");
+        let ring = (info.ring_offset..info.ring_offset + info.ring_size)
+            .map(|i| {
+                let id = rings.get(&i, 0).expect("reading RINGS");
+                let backend = backends.get(&id, 0).ok()?;
+                ip_from_addr(backend.family, &backend.addr)
+            })
+            .collect();
+        out.insert(key, (info.ring_size, info.flags, ring));
+    }
+    out
+}
