@@ -7,9 +7,9 @@
 
 mod control;
 mod dataplane;
+mod etcd;
 mod health;
 mod live;
-mod etcd;
 mod machine;
 mod maglev;
 mod peer;
@@ -79,7 +79,15 @@ const QUICK: &[&[&str]] = &[
         "500",
     ],
     &["maglev", "--runs", "3", "--removals", "3"],
-    &["health", "--targets", "1000", "--seconds", "3", "--changes", "50"],
+    &[
+        "health",
+        "--targets",
+        "1000",
+        "--seconds",
+        "3",
+        "--changes",
+        "50",
+    ],
     &["control", "--quick"],
     &["scale", "--quick"],
     &["live", "--quick"],
@@ -137,7 +145,9 @@ fn run(bench: Bench) -> anyhow::Result<()> {
         Bench::Scale(args) => scale::run(&args),
         Bench::Control(args) => control::run(&args),
         Bench::Etcd(args) => etcd::run(&args),
-        Bench::Xlb { .. } => Err(anyhow::anyhow!("`xlb` runs the xlb command line, not a benchmark")),
+        Bench::Xlb { .. } => Err(anyhow::anyhow!(
+            "`xlb` runs the xlb command line, not a benchmark"
+        )),
     }
 }
 

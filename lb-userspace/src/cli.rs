@@ -21,8 +21,7 @@ use crate::{
     daemon,
     dataplane::XdpLog,
     demo::{self, Cancel, DemoError, DemoOptions, MAX_BACKENDS_PER_CLUSTER},
-    doctor,
-    monitor,
+    doctor, monitor,
 };
 
 /// Exit status after an interruption (SIGINT, SIGTERM, SIGHUP): 128 + SIGINT,
