@@ -323,7 +323,7 @@ pub async fn serve(
         .map_or_else(|| watch::channel(Snapshot::default()).1, EtcdStore::updates);
     let (targets_tx, targets_rx) = watch::channel(BTreeMap::new());
     let (health_tx, health_rx) = watch::channel(BTreeMap::new());
-    let prober = Prober::new(DEFAULT_IN_FLIGHT);
+    let prober = Prober::new(DEFAULT_IN_FLIGHT).with_metrics(telemetry.probes().clone());
     let (probe_targets, probe_targets_rx) = watch::channel(BTreeSet::new());
     let mut control = Control {
         info: Info {

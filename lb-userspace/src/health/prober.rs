@@ -22,7 +22,10 @@ use tokio::{
 };
 
 use super::{Machine, ProbeState, ProbeTarget, Reason, Thresholds, Transition, probe::probe};
-use crate::state::Health;
+use crate::{
+    metrics::{ProbeMetrics, ProbeResult},
+    state::Health,
+};
 
 /// Probes in flight at most, by default: well under the default limit of
 /// 1024 open files, and far more than 10 000 targets a second need when
@@ -300,6 +303,7 @@ fn publish(
 pub struct Prober {
     board: Arc<HealthBoard>,
     in_flight: Arc<Semaphore>,
+    metrics: Option<ProbeMetrics>,
 }
 
 impl Prober {
@@ -308,7 +312,14 @@ impl Prober {
         Self {
             board: Arc::default(),
             in_flight: Arc::new(Semaphore::new(in_flight.max(1))),
+            metrics: None,
         }
+    }
+
+    /// Also counts and times every probe in `metrics` (for `/metrics`).
+    pub fn with_metrics(mut self, metrics: ProbeMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     pub fn board(&self) -> Arc<HealthBoard> {
@@ -345,6 +356,7 @@ impl Prober {
                     Arc::clone(&self.board),
                     Arc::clone(&self.in_flight),
                     Arc::clone(&health),
+                    self.metrics.clone(),
                 ));
                 tasks.insert(target, task);
             }
@@ -390,6 +402,7 @@ async fn probe_loop(
     board: Arc<HealthBoard>,
     in_flight: Arc<Semaphore>,
     health: Arc<watch::Sender<BTreeMap<IpAddr, Health>>>,
+    metrics: Option<ProbeMetrics>,
 ) {
     let spec = &target.spec;
     let mut machine = Machine::new(Thresholds {
@@ -406,7 +419,17 @@ async fn probe_loop(
             let Ok(_permit) = in_flight.acquire().await else {
                 return;
             };
-            probe(&target).await
+            let probed = Instant::now();
+            let result = probe(&target).await;
+            if let Some(metrics) = &metrics {
+                let outcome = match &result {
+                    Ok(()) => ProbeResult::Ok,
+                    Err(Reason::Timeout) => ProbeResult::Timeout,
+                    Err(_) => ProbeResult::Failed,
+                };
+                metrics.probe(target.addr, outcome, probed.elapsed());
+            }
+            result
         };
         let transition = machine.observe(result.clone(), Instant::now());
         board.record(id, result, &machine, transition, &health);
