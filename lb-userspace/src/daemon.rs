@@ -289,9 +289,6 @@ pub async fn serve(
     // the links of the one running.
     let listener = Listener::bind(&node.api_socket)?;
     let telemetry = Telemetry::new();
-    if let Some(fleet) = store.fleet() {
-        telemetry.watch_store(fleet.metrics());
-    }
     let metrics_server = match metrics.listen {
         Some(addr) => Some(MetricsServer::bind(addr, telemetry.clone()).await?),
         None => None,

@@ -24,10 +24,7 @@ use std::{
     collections::BTreeMap,
     convert::Infallible,
     net::{IpAddr, SocketAddr},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -48,7 +45,6 @@ use tokio::{
 use crate::{
     api::{Admin, AttachmentView, Call, HealthState, Protocol, Request, Response, VipView},
     dataplane::maps::{ConnOccupancy, ConnTable, CounterReader},
-    etcd::StoreMetrics,
     state::Health,
 };
 
@@ -313,8 +309,6 @@ struct TelemetryInner {
     reconcile_failures: prometheus::IntCounter,
     health_since: Mutex<BTreeMap<IpAddr, SystemTime>>,
     probes: ProbeMetrics,
-    /// The fleet store's state, when the node runs on etcd.
-    store: Mutex<Option<Arc<StoreMetrics>>>,
 }
 
 impl Default for Telemetry {
@@ -348,7 +342,6 @@ impl Telemetry {
                 reconcile_failures,
                 health_since: Mutex::new(BTreeMap::new()),
                 probes: ProbeMetrics::new(),
-                store: Mutex::new(None),
             }),
         }
     }
@@ -397,22 +390,12 @@ impl Telemetry {
         &self.inner.probes
     }
 
-    /// Exports the fleet store's revisions and troubles with every scrape,
-    /// so that an operator sees whether the fleet has converged.
-    pub fn watch_store(&self, store: Arc<StoreMetrics>) {
-        *self.inner.store.lock().unwrap_or_else(|e| e.into_inner()) = Some(store);
-    }
-
     fn collectors(&self) -> Vec<Box<dyn Collector>> {
         let mut all: Vec<Box<dyn Collector>> = vec![
             Box::new(self.inner.reconcile.clone()),
             Box::new(self.inner.reconcile_failures.clone()),
         ];
         all.extend(self.inner.probes.collectors());
-        let store = self.inner.store.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(store) = store.as_deref() {
-            all.extend(store_collectors(store));
-        }
         all
     }
 }
@@ -511,48 +494,6 @@ impl ProbeMetrics {
             Box::new(self.transitions.clone()),
         ]
     }
-}
-
-/// The store's figures as they are at this scrape.
-fn store_collectors(store: &StoreMetrics) -> Vec<Box<dyn Collector>> {
-    let gauge = |name: &str, help: &str, value: i64| -> Box<dyn Collector> {
-        let gauge = IntGauge::new(name, help).expect("valid gauge options");
-        gauge.set(value);
-        Box::new(gauge)
-    };
-    let load = |n: &AtomicU64| i64::try_from(n.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
-    vec![
-        gauge(
-            "xlb_store_applied_revision",
-            "The etcd revision whose state is programmed in this node's maps.",
-            store.applied_revision.load(Ordering::Relaxed),
-        ),
-        gauge(
-            "xlb_store_seen_revision",
-            "The last etcd revision this node's watch delivered.",
-            store.seen_revision.load(Ordering::Relaxed),
-        ),
-        gauge(
-            "xlb_store_connected",
-            "1 while the node's watch on etcd is up, 0 while it reconnects.",
-            i64::from(store.connected.load(Ordering::Relaxed)),
-        ),
-        gauge(
-            "xlb_store_malformed_values",
-            "Values in the store skipped at the applied revision.",
-            load(&store.malformed_now),
-        ),
-        gauge(
-            "xlb_store_reconnects",
-            "Times the watch on etcd was lost and set up again.",
-            load(&store.reconnects),
-        ),
-        gauge(
-            "xlb_store_apply_failures",
-            "Store revisions the data plane refused (the previous one stayed).",
-            load(&store.apply_failures),
-        ),
-    ]
 }
 
 // ---------------------------------------------------------------------------
@@ -886,51 +827,5 @@ async fn snapshot(calls: &mpsc::Sender<Call>) -> Result<Stats, String> {
         Ok(Response::Error { message }) => Err(message),
         Ok(other) => Err(format!("unexpected answer {other:?}")),
         Err(_) => Err("the daemon is stopping".to_owned()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::atomic::AtomicI64;
-
-    use super::*;
-
-    #[test]
-    fn a_node_on_etcd_exports_the_revision_it_applied() {
-        let telemetry = Telemetry::new();
-        let without: Vec<String> = telemetry
-            .collectors()
-            .iter()
-            .flat_map(|c| c.desc().into_iter().map(|d| d.fq_name.clone()))
-            .collect();
-        assert!(!without.iter().any(|name| name.starts_with("xlb_store_")));
-
-        let store = Arc::new(StoreMetrics {
-            applied_revision: AtomicI64::new(42),
-            seen_revision: AtomicI64::new(43),
-            reconnects: AtomicU64::new(2),
-            ..StoreMetrics::default()
-        });
-        telemetry.watch_store(Arc::clone(&store));
-        let registry = Registry::new();
-        for collector in telemetry.collectors() {
-            registry.register(collector).expect("unique names");
-        }
-        let mut out = Vec::new();
-        TextEncoder::new()
-            .encode(&registry.gather(), &mut out)
-            .expect("encoding");
-        let text = String::from_utf8(out).expect("UTF-8");
-        for line in [
-            "xlb_store_applied_revision 42",
-            "xlb_store_seen_revision 43",
-            "xlb_store_connected 0",
-            "xlb_store_reconnects 2",
-        ] {
-            assert!(
-                text.lines().any(|l| l == line),
-                "{line:?} missing in:\n{text}"
-            );
-        }
     }
 }
