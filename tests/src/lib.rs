@@ -31,6 +31,7 @@ pub mod expect;
 pub mod fixture;
 pub mod fleet;
 pub mod packet;
+pub mod scratch;
 pub mod stream;
 pub mod world;
 

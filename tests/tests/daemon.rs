@@ -27,14 +27,12 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    ffi::CString,
     fs,
-    io::{self, BufRead, BufReader, Write},
+    io::{BufRead, BufReader, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
-    os::unix::{ffi::OsStrExt as _, net::UnixStream},
+    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Output, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -49,7 +47,10 @@ use xlb::{
     state::{AdminState, Affinity, Backend, Cluster, DesiredState, Proto, Vip},
     topology::{Host, LinkOpts, Topology},
 };
-use xlb_tests::{Pacing, UdpStream, is_verdict, privileged};
+use xlb_tests::{
+    Pacing, UdpStream, is_verdict, privileged,
+    scratch::{BpfFs, Scratch},
+};
 
 const XLB: &str = env!("CARGO_BIN_EXE_xlb-for-tests");
 
@@ -77,81 +78,6 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("an address")
-}
-
-// ---------------------------------------------------------------------------
-// Scratch directory and bpffs: removed on drop, also while unwinding.
-
-struct Scratch {
-    dir: PathBuf,
-}
-
-impl Scratch {
-    fn new(test: &str) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "xlb-daemon-{}-{}-{test}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("creating the scratch directory");
-        Self { dir }
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if let Err(err) = fs::remove_dir_all(&self.dir) {
-            eprintln!("removing {}: {err}", self.dir.display());
-        }
-    }
-}
-
-/// A private bpffs for the test's pins.
-struct BpfFs {
-    mount: PathBuf,
-}
-
-impl BpfFs {
-    fn mount(at: PathBuf) -> Self {
-        fs::create_dir_all(&at).expect("creating the bpffs mount point");
-        let target = CString::new(at.as_os_str().as_bytes()).expect("mount point path");
-        // SAFETY: NUL-terminated strings that outlive the call; bpffs takes
-        // no data.
-        let rc = unsafe {
-            libc::mount(
-                c"bpf".as_ptr(),
-                target.as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        assert_eq!(
-            rc,
-            0,
-            "mount -t bpf bpf {}: {}",
-            at.display(),
-            io::Error::last_os_error()
-        );
-        Self { mount: at }
-    }
-}
-
-impl Drop for BpfFs {
-    fn drop(&mut self) {
-        let target = CString::new(self.mount.as_os_str().as_bytes()).expect("mount point path");
-        // SAFETY: a NUL-terminated path that outlives the call. Lazily, so
-        // that a descriptor still open does not keep it mounted.
-        if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
-            eprintln!(
-                "umount {}: {}",
-                self.mount.display(),
-                io::Error::last_os_error()
-            );
-        }
-    }
 }
 
 fn mounted(path: &Path) -> bool {
@@ -211,7 +137,7 @@ struct SiteOptions<'a> {
 
 impl Site {
     fn build(opts: SiteOptions<'_>) -> Site {
-        let scratch = Scratch::new(opts.tag);
+        let scratch = Scratch::new("daemon", opts.tag);
         let bpffs = BpfFs::mount(scratch.dir.join("bpf"));
         let topology = Topology::new(&format!("daemon-{}", opts.tag)).expect("topology");
         let fabric = topology.bridge("fabric").expect("fabric");

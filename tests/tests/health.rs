@@ -15,15 +15,13 @@
 
 use std::{
     collections::BTreeMap,
-    ffi::CString,
     fs,
     io::{self, BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    os::unix::ffi::OsStrExt,
     path::PathBuf,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     thread::{self, JoinHandle},
     time::{Duration, Instant},
@@ -35,7 +33,10 @@ use xlb::{
     health::{ProbeKind, ProbeSpec, ProbeTarget, Reason, probe::probe},
     topology::{Host, LinkOpts, Topology},
 };
-use xlb_tests::privileged;
+use xlb_tests::{
+    privileged,
+    scratch::{BpfFs, Scratch},
+};
 
 const XLB: &str = env!("CARGO_BIN_EXE_xlb-for-tests");
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -374,63 +375,6 @@ fn every_failed_probe_says_why() {
 // ---------------------------------------------------------------------------
 // End to end: the daemon, two clusters, a client.
 
-struct Scratch {
-    dir: PathBuf,
-}
-
-impl Scratch {
-    fn new(test: &str) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "xlb-health-{}-{}-{test}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("creating the scratch directory");
-        Self { dir }
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A private bpffs for the daemon's pins, unmounted on drop.
-struct BpfFs {
-    mount: PathBuf,
-}
-
-impl BpfFs {
-    fn mount(at: PathBuf) -> Self {
-        fs::create_dir_all(&at).expect("creating the bpffs mount point");
-        let target = CString::new(at.as_os_str().as_bytes()).expect("mount point path");
-        // SAFETY: NUL-terminated strings that outlive the call; bpffs takes
-        // no data.
-        let rc = unsafe {
-            libc::mount(
-                c"bpf".as_ptr(),
-                target.as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        assert_eq!(rc, 0, "mount bpffs: {}", io::Error::last_os_error());
-        Self { mount: at }
-    }
-}
-
-impl Drop for BpfFs {
-    fn drop(&mut self) {
-        let target = CString::new(self.mount.as_os_str().as_bytes()).expect("mount point path");
-        // SAFETY: a NUL-terminated path that outlives the call.
-        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-    }
-}
-
 struct Backend {
     name: String,
     host: Host,
@@ -472,7 +416,7 @@ impl Site {
     /// Two clusters, `east` and `west`, of two backends each; east is
     /// probed over HTTP, west over TCP, every 150 ms.
     fn build() -> Site {
-        let scratch = Scratch::new("e2e");
+        let scratch = Scratch::new("health", "e2e");
         let bpffs = BpfFs::mount(scratch.dir.join("bpf"));
         let topology = Topology::new("health-e2e").expect("topology");
         let fabric = topology.bridge("fabric").expect("fabric");
