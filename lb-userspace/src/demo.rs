@@ -26,7 +26,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::mem::{size_of, zeroed};
@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 
 use lb_common::Counter;
 
-use crate::api::{ApiError, Client, Request, Response, Status};
+use crate::api::{ApiError, Client, HealthState, Request, Response, Status};
 use crate::dataplane::{AttachMode, Dataplane, DataplaneError, Limits, Role};
 use crate::topology::{Bridge, Host, Interface, LinkOpts, Spawned, Topology, TopologyError};
 
@@ -134,6 +134,30 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a round waits for its last segments (FIN, ACK) to be counted.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The daemons' health probes, by the kind of the VIP's own: each probe
+/// goes to a backend's own address on its VIP's port, so every backend is
+/// probed by HTTP on port 80 (IPv4 and IPv6), by a TCP connect on port 81
+/// and by UDP on port 53. The intervals are short, so that a demo round
+/// waits about a second for a change to be noticed: `fall` failed probes
+/// in a row take a backend out, `rise` passes bring it back.
+const HTTP_PROBE: &str = "kind = \"http\"\npath = \"/\"\nbody = \"backend \"";
+const TCP_PROBE: &str = "kind = \"tcp\"";
+const UDP_PROBE: &str = "kind = \"udp\"\nexpect = \"backend \"";
+/// Seconds between probes; also each probe's timeout.
+pub const PROBE_INTERVAL: f64 = 0.5;
+pub const PROBE_FALL: u32 = 2;
+pub const PROBE_RISE: u32 = 2;
+/// How long the site waits for both daemons to notice a failure or a
+/// recovery: many times what the probes need (fall or rise intervals plus
+/// jitter and a timeout), for a loaded machine; beyond it, the probes are
+/// broken.
+const DETECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// The demo fails up to two thirds of the site on purpose. Below the
+/// default panic threshold (half the backends healthy) a VIP balances over
+/// every enabled backend, failed ones included, which would hide what the
+/// demo shows; a quarter keeps panic for real disasters.
+const PANIC_THRESHOLD: f64 = 0.25;
+
 /// Map sizes of the xlb nodes (four VIPs).
 const NODE_LIMITS: Limits = Limits {
     max_vips: 8,
@@ -193,6 +217,14 @@ pub enum DemoError {
     /// A daemon refused a request or did not come up.
     #[error("{node}: {message}")]
     Daemon { node: String, message: String },
+    /// A daemon's health probes did not notice a failure or a recovery.
+    #[error("{node}'s health probes did not notice {what} within {waited:?}: {detail}")]
+    Undetected {
+        node: String,
+        what: String,
+        waited: Duration,
+        detail: String,
+    },
     /// The site was built but did not behave as it must.
     #[error("check failed: {0}")]
     Check(String),
@@ -423,7 +455,8 @@ pub struct SiteBackend {
     /// MAC of its interface to the fabric: the source of its replies.
     pub mac: [u8; 6],
     pub host: Host,
-    /// Its server runs and the daemons were told it is up.
+    /// Its servers run (the site fails and recovers backends by stopping
+    /// and starting them; the daemons' probes notice).
     pub up: bool,
     server: Option<Server>,
     decap: Dataplane,
@@ -1044,8 +1077,9 @@ impl Site {
         Ok(site)
     }
 
-    /// Starts node `k`'s daemon (again) and waits until it serves and has
-    /// resolved the backends' MACs.
+    /// Starts node `k`'s daemon (again) and waits until it serves, has
+    /// resolved the backends' MACs and its probes have found the backends
+    /// that are down.
     pub fn start_daemon(&mut self, k: usize) -> Result<(), DemoError> {
         let (xlb, cancel) = (self.xlb.clone(), self.cancel.clone());
         self.node_mut(k)?.start(&xlb, &cancel)?;
@@ -1055,7 +1089,19 @@ impl Site {
             .iter()
             .flat_map(|b| [IpAddr::V4(b.addr), IpAddr::V6(b.addr6)])
             .collect();
-        self.nodes[k].wait_for_neighbours(&addrs, &self.cancel)
+        self.nodes[k].wait_for_neighbours(&addrs, &self.cancel)?;
+        // A daemon starts with every backend up; its probes take the
+        // failed ones out again.
+        let down: Vec<String> = self
+            .backends
+            .iter()
+            .filter(|b| !b.up)
+            .map(|b| b.name.clone())
+            .collect();
+        if !down.is_empty() {
+            self.wait_for_health(&down, HealthState::Down, Instant::now())?;
+        }
+        Ok(())
     }
 
     /// Stops node `k`'s daemon with SIGTERM; its balancer keeps forwarding.
@@ -1294,73 +1340,124 @@ impl Site {
         Held::start(stream)
     }
 
-    /// Failure detection, in one place: the demo stops the backend's server
-    /// and then tells every node's daemon, as an operator would with
-    /// `xlb backend drain`, that it takes no new flows. Health probes replace
-    /// the telling: the daemons will notice by themselves.
-    ///
-    /// Returns how many ring slots the first node rewrote.
-    pub fn fail_backend(&mut self, name: &str) -> Result<usize, DemoError> {
-        let index = self.backend_index(name)?;
-        if !self.backends[index].up {
-            return Ok(0);
+    /// Fails a backend the way a host fails: its servers stop, so its
+    /// ports refuse. Nobody tells the daemons: this returns once both
+    /// daemons' own health probes have taken it out of every VIP (their
+    /// status shows it down, which is the health their rings are built
+    /// from), with how long each took.
+    pub fn fail_backend(&mut self, name: &str) -> Result<Detection, DemoError> {
+        self.fail_backends(&[name.to_owned()])
+    }
+
+    /// Fails every backend of a cluster at once (see [`Site::fail_backend`]).
+    pub fn fail_cluster(&mut self, cluster: &str) -> Result<Detection, DemoError> {
+        let names = self.cluster_members(cluster)?;
+        self.fail_backends(&names)
+    }
+
+    /// Fails several backends at once (see [`Site::fail_backend`]); those
+    /// already down are left as they are. At least one backend stays up.
+    pub fn fail_backends(&mut self, names: &[String]) -> Result<Detection, DemoError> {
+        let mut failing = Vec::new();
+        for name in names {
+            let index = self.backend_index(name)?;
+            if self.backends[index].up && !failing.contains(&index) {
+                failing.push(index);
+            }
         }
-        if self.backends.iter().filter(|b| b.up).count() == 1 {
+        if failing.is_empty() {
+            return Ok(Detection::default());
+        }
+        if self.backends.iter().filter(|b| b.up).count() == failing.len() {
             return Err(DemoError::Invalid(format!(
-                "{name} is the last backend up; the demo keeps at least one"
+                "failing {} would leave no backend up; the demo keeps at least one",
+                names.join(", ")
             )));
         }
-        let backend = &mut self.backends[index];
-        if let Some(mut server) = backend.server.take() {
-            server.stop();
+        let names: Vec<String> = failing
+            .iter()
+            .map(|&i| self.backends[i].name.clone())
+            .collect();
+        let slots = self.tcp_slots(&names)?;
+        for &i in &failing {
+            let backend = &mut self.backends[i];
+            if let Some(mut server) = backend.server.take() {
+                server.stop();
+            }
+            backend.up = false;
         }
-        backend.up = false;
-        let cluster = backend.cluster;
-        self.tell_health(cluster, name, false)
+        let noticed = self.wait_for_health(&names, HealthState::Down, Instant::now())?;
+        Ok(Detection { noticed, slots })
     }
 
-    /// Brings a failed backend back: its server starts again, and the
-    /// daemons put it back in service. Returns the ring slots rewritten.
-    pub fn recover_backend(&mut self, name: &str) -> Result<usize, DemoError> {
-        let index = self.backend_index(name)?;
-        if self.backends[index].up {
-            return Ok(0);
-        }
-        let backend = &mut self.backends[index];
-        backend.server = Some(Server::start(
-            &backend.host,
-            &backend.name,
-            backend.cluster,
-        )?);
-        backend.up = true;
-        let cluster = backend.cluster;
-        self.tell_health(cluster, name, true)
+    /// Brings a failed backend back: its servers start again, and this
+    /// returns once both daemons' probes have put it back in service.
+    pub fn recover_backend(&mut self, name: &str) -> Result<Detection, DemoError> {
+        self.recover_backends(&[name.to_owned()])
     }
 
-    /// Fails every backend of a cluster (see [`Site::fail_backend`]).
-    pub fn fail_cluster(&mut self, cluster: &str) -> Result<usize, DemoError> {
+    pub fn recover_cluster(&mut self, cluster: &str) -> Result<Detection, DemoError> {
         let names = self.cluster_members(cluster)?;
-        let mut moved = 0;
-        for name in names {
-            moved += self.fail_backend(&name)?;
-        }
-        Ok(moved)
+        self.recover_backends(&names)
     }
 
-    pub fn recover_cluster(&mut self, cluster: &str) -> Result<usize, DemoError> {
-        let names = self.cluster_members(cluster)?;
-        let mut moved = 0;
+    /// Brings several failed backends back at once (see
+    /// [`Site::recover_backend`]); those up are left as they are.
+    pub fn recover_backends(&mut self, names: &[String]) -> Result<Detection, DemoError> {
+        let mut recovering = Vec::new();
         for name in names {
-            moved += self.recover_backend(&name)?;
+            let index = self.backend_index(name)?;
+            if !self.backends[index].up && !recovering.contains(&index) {
+                recovering.push(index);
+            }
         }
-        Ok(moved)
+        if recovering.is_empty() {
+            return Ok(Detection::default());
+        }
+        for &i in &recovering {
+            let backend = &mut self.backends[i];
+            backend.server = Some(Server::start(
+                &backend.host,
+                &backend.name,
+                backend.cluster,
+                backend.addr,
+            )?);
+            backend.up = true;
+        }
+        let names: Vec<String> = recovering
+            .iter()
+            .map(|&i| self.backends[i].name.clone())
+            .collect();
+        let noticed = self.wait_for_health(&names, HealthState::Up, Instant::now())?;
+        let slots = self.tcp_slots(&names)?;
+        Ok(Detection { noticed, slots })
     }
 
-    /// Drains a backend on every node: no new flows, but it keeps serving,
-    /// so established flows stay with it. Returns the ring slots rewritten.
+    /// Drains a backend on every node, as an operator would with `xlb
+    /// backend drain`: no new flows, but it keeps serving, so established
+    /// flows stay with it. Returns the ring slots the first node rewrote.
     pub fn drain_backend(&mut self, name: &str) -> Result<usize, DemoError> {
-        let cluster = self.backends[self.backend_index(name)?].cluster;
-        self.tell_health(cluster, name, false)
+        let cluster = self.backends[self.backend_index(name)?].cluster.to_owned();
+        let mut moved = None;
+        let names = TCP_SERVICES.map(|s| s.name);
+        for vip_name in names.into_iter().chain([UDP_VIP_NAME]) {
+            let request = Request::BackendDrain {
+                vip: vip_name.into(),
+                cluster: cluster.clone(),
+                name: name.to_owned(),
+            };
+            for response in self.call_all(&request)? {
+                if let Response::Changed {
+                    reconcile: Some(report),
+                    ..
+                } = response
+                    && vip_name == TCP_VIP_NAME
+                {
+                    moved.get_or_insert(report.ring_slots_written);
+                }
+            }
+        }
+        Ok(moved.unwrap_or(0))
     }
 
     fn cluster_members(&self, cluster: &str) -> Result<Vec<String>, DemoError> {
@@ -1383,36 +1480,64 @@ impl Site {
             .ok_or_else(|| DemoError::Invalid(format!("no backend named {name}")))
     }
 
-    fn tell_health(&self, cluster: &str, name: &str, up: bool) -> Result<usize, DemoError> {
-        let (cluster, name) = (cluster.to_owned(), name.to_owned());
-        let mut moved = None;
-        let names = TCP_SERVICES.map(|s| s.name);
-        for vip_name in names.into_iter().chain([UDP_VIP_NAME]) {
-            let request = if up {
-                Request::BackendUndrain {
-                    vip: vip_name.into(),
-                    cluster: cluster.clone(),
-                    name: name.clone(),
-                }
-            } else {
-                Request::BackendDrain {
-                    vip: vip_name.into(),
-                    cluster: cluster.clone(),
-                    name: name.clone(),
-                }
-            };
-            for response in self.call_all(&request)? {
-                if let Response::Changed {
-                    reconcile: Some(report),
-                    ..
-                } = response
-                    && vip_name == TCP_VIP_NAME
-                {
-                    moved.get_or_insert(report.ring_slots_written);
+    /// Ring slots of the TCP VIP that the first node gives these backends.
+    fn tcp_slots(&self, names: &[String]) -> Result<u32, DemoError> {
+        let Some(node) = self.nodes.first() else {
+            return Ok(0);
+        };
+        Ok(node
+            .status()?
+            .vips
+            .iter()
+            .filter(|v| v.name == TCP_VIP_NAME)
+            .flat_map(|v| &v.backends)
+            .filter(|b| names.contains(&b.name))
+            .map(|b| b.slots)
+            .sum())
+    }
+
+    /// Waits until every node's daemon shows `names` in state `health` in
+    /// every VIP, and returns, per node, how long after `since` it first
+    /// did. A node that has not after [`DETECT_TIMEOUT`] is an error that
+    /// says what its probes saw.
+    fn wait_for_health(
+        &self,
+        names: &[String],
+        health: HealthState,
+        since: Instant,
+    ) -> Result<Vec<(&'static str, Duration)>, DemoError> {
+        let mut noticed: Vec<Option<Duration>> = vec![None; self.nodes.len()];
+        loop {
+            self.cancel.check()?;
+            for (node, when) in self.nodes.iter().zip(&mut noticed) {
+                if when.is_none() && lagging(&node.status()?, names, health).is_empty() {
+                    *when = Some(since.elapsed());
                 }
             }
+            if noticed.iter().all(Option::is_some) {
+                return Ok(self
+                    .nodes
+                    .iter()
+                    .zip(noticed)
+                    .map(|(node, when)| (node.name, when.unwrap_or_default()))
+                    .collect());
+            }
+            if since.elapsed() >= DETECT_TIMEOUT {
+                let (node, _) = self
+                    .nodes
+                    .iter()
+                    .zip(&noticed)
+                    .find(|(_, when)| when.is_none())
+                    .unwrap_or((&self.nodes[0], &None));
+                return Err(DemoError::Undetected {
+                    node: node.name.into(),
+                    what: format!("{} {health}", names.join(", ")),
+                    waited: DETECT_TIMEOUT,
+                    detail: lagging(&node.status()?, names, health).join("; "),
+                });
+            }
+            thread::sleep(Duration::from_millis(10));
         }
-        Ok(moved.unwrap_or(0))
     }
 
     /// Attaches or detaches the decap program on every backend. Without it,
@@ -1526,29 +1651,94 @@ impl Site {
     }
 }
 
+/// How the daemons' probes noticed a change: per node, the time from the
+/// change (servers stopped or started) to the node's status showing it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Detection {
+    pub noticed: Vec<(&'static str, Duration)>,
+    /// Ring slots of the TCP VIP (on the first node) that the backends had
+    /// before they failed, or have after they came back.
+    pub slots: u32,
+}
+
+impl fmt::Display for Detection {
+    /// "xlb1 in 0.9 s, xlb2 in 1.0 s"
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (k, (node, took)) in self.noticed.iter().enumerate() {
+            let sep = if k == 0 { "" } else { ", " };
+            write!(f, "{sep}{node} in {:.1} s", took.as_secs_f64())?;
+        }
+        Ok(())
+    }
+}
+
+/// The backends of `names` that `status` does not show in state `health`,
+/// in some VIP, each with what its probe last saw; empty once it agrees. A
+/// name the status lacks altogether is lagging too.
+fn lagging(status: &Status, names: &[String], health: HealthState) -> Vec<String> {
+    let mut lagging = Vec::new();
+    for name in names {
+        let views: Vec<_> = status
+            .vips
+            .iter()
+            .flat_map(|v| &v.backends)
+            .filter(|b| &b.name == name)
+            .collect();
+        if views.is_empty() {
+            lagging.push(format!("{name}: not in any VIP"));
+        }
+        for view in views.into_iter().filter(|b| b.health != health) {
+            let probe = view.probe.as_ref().map_or_else(
+                || "not probed".to_owned(),
+                |p| {
+                    format!(
+                        "{} probe on port {} {}, last result {}",
+                        p.kind,
+                        p.port,
+                        p.state,
+                        p.last_result.as_deref().unwrap_or("none")
+                    )
+                },
+            );
+            lagging.push(format!(
+                "{name} in {}: health {}, {probe}",
+                view.vip, view.health
+            ));
+        }
+    }
+    lagging
+}
+
 /// The VIPs' `[vip]` tables, each over every backend of both clusters: TCP
 /// on port 80 and UDP on port 53 of the IPv4 VIP by the backends' IPv4
 /// addresses; TCP on port 80 of the IPv6 VIP and on port 81 of the IPv4 VIP
-/// by their IPv6 addresses.
+/// by their IPv6 addresses. Each VIP probes its backends' own addresses on
+/// its port (see [`HTTP_PROBE`]).
 fn node_vips(backends: &[SiteBackend]) -> String {
     let mut s = String::new();
     let vips = [
-        (WEB.name, WEB.addr, "tcp", false),
+        (WEB.name, WEB.addr, "tcp", false, HTTP_PROBE),
         (
             UDP_VIP_NAME,
             SocketAddr::from((VIP, UDP_PORT)),
             "udp",
             false,
+            UDP_PROBE,
         ),
-        (WEB6.name, WEB6.addr, "tcp", true),
-        (WEB46.name, WEB46.addr, "tcp", true),
+        (WEB6.name, WEB6.addr, "tcp", true, HTTP_PROBE),
+        (WEB46.name, WEB46.addr, "tcp", true, TCP_PROBE),
     ];
-    for (name, addr, proto, v6_backends) in vips {
+    for (name, addr, proto, v6_backends, probe) in vips {
         let _ = writeln!(
             s,
             "\n[vip.{name}]\naddr = \"{}\"\nport = {}\nproto = \"{proto}\"\nring_size = {RING_SIZE}",
             addr.ip(),
             addr.port()
+        );
+        let _ = writeln!(
+            s,
+            "\n[vip.{name}.probe]\n{probe}\ninterval = {PROBE_INTERVAL}\ntimeout = {PROBE_INTERVAL}\n\
+             fall = {PROBE_FALL}\nrise = {PROBE_RISE}"
         );
         for cluster in CLUSTERS {
             let _ = writeln!(s, "\n[vip.{name}.cluster.{cluster}]");
@@ -1625,6 +1815,8 @@ fn build_node(
          api_socket = \"{}\"\n\
          state_file = \"{}\"\n\
          pin_path = \"{}\"\n\
+         [node.policy]\n\
+         panic_threshold = {PANIC_THRESHOLD}\n\
          [node.limits]\n\
          max_vips = {}\n\
          max_backends = {}\n\
@@ -1725,7 +1917,7 @@ fn build_backend(
     }
     let decap =
         load_decap(&host, DEV, &[addr.into(), addr6.into()]).map_err(|err| prefix(err, &name))?;
-    let server = Server::start(&host, &name, cluster)?;
+    let server = Server::start(&host, &name, cluster, addr)?;
     Ok(SiteBackend {
         name,
         cluster,
@@ -1841,14 +2033,16 @@ impl Held {
 /// cluster <cluster>" (as HTTP if asked in HTTP; line by line if asked to
 /// `hold`), UDP on VIP:53 answers every datagram with it. UDP is bound to
 /// the VIP itself: a reply from a wildcard socket would leave from the
-/// host's own address, which the client does not expect.
+/// host's own address, which the client does not expect. A second UDP
+/// socket on the backend's own address answers the daemons' UDP probes,
+/// which (like every probe here) go to that address, not to the VIP.
 struct Server {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Server {
-    fn start(host: &Host, name: &str, cluster: &str) -> Result<Self, DemoError> {
+    fn start(host: &Host, name: &str, cluster: &str, addr: Ipv4Addr) -> Result<Self, DemoError> {
         let (listeners, udp) = host
             .run_in(|| -> io::Result<_> {
                 // [::] takes IPv4 too (as mapped addresses): one socket per
@@ -1858,12 +2052,16 @@ impl Server {
                         TcpListener::bind((Ipv6Addr::UNSPECIFIED, VIP_PORT))?,
                         TcpListener::bind((Ipv6Addr::UNSPECIFIED, MIXED_PORT))?,
                     ],
-                    UdpSocket::bind((VIP, UDP_PORT))?,
+                    vec![
+                        UdpSocket::bind((VIP, UDP_PORT))?,
+                        UdpSocket::bind((addr, UDP_PORT))?,
+                    ],
                 ))
             })
             .context(format!("entering {name}"))?
             .context(format!(
-                "binding [::]:{VIP_PORT} and [::]:{MIXED_PORT}/tcp, {VIP}:{UDP_PORT}/udp in {name}"
+                "binding [::]:{VIP_PORT} and [::]:{MIXED_PORT}/tcp, {VIP}:{UDP_PORT} and \
+                 {addr}:{UDP_PORT}/udp in {name}"
             ))?;
         let line = format!("backend {name} cluster {cluster}\n");
         let stop = Arc::new(AtomicBool::new(false));
@@ -1894,8 +2092,10 @@ impl Drop for Server {
     }
 }
 
-fn serve(listeners: &[TcpListener], udp: &UdpSocket, line: &str, stop: &AtomicBool) {
-    let mut polls: Vec<libc::pollfd> = std::iter::once(udp.as_raw_fd())
+fn serve(listeners: &[TcpListener], udp: &[UdpSocket], line: &str, stop: &AtomicBool) {
+    let mut polls: Vec<libc::pollfd> = udp
+        .iter()
+        .map(AsRawFd::as_raw_fd)
         .chain(listeners.iter().map(AsRawFd::as_raw_fd))
         .map(|fd| libc::pollfd {
             fd,
@@ -1916,7 +2116,7 @@ fn serve(listeners: &[TcpListener], udp: &UdpSocket, line: &str, stop: &AtomicBo
         if ready <= 0 {
             continue;
         }
-        for (listener, poll) in listeners.iter().zip(&polls[1..]) {
+        for (listener, poll) in listeners.iter().zip(&polls[udp.len()..]) {
             if poll.revents == 0 {
                 continue;
             }
@@ -1932,10 +2132,13 @@ fn serve(listeners: &[TcpListener], udp: &UdpSocket, line: &str, stop: &AtomicBo
                 Err(err) => log::debug!("accept: {err}"),
             }
         }
-        if polls[0].revents != 0 {
+        for (socket, poll) in udp.iter().zip(&polls) {
+            if poll.revents == 0 {
+                continue;
+            }
             let mut buf = [0u8; 512];
-            if let Ok((_, from)) = udp.recv_from(&mut buf) {
-                let _ = udp.send_to(line.as_bytes(), from);
+            if let Ok((_, from)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(line.as_bytes(), from);
             }
         }
     }
@@ -2082,6 +2285,11 @@ pub fn run(opts: DemoOptions) -> Result<(), DemoError> {
         modes.join(" and "),
         site.backends().len(),
     );
+    println!(
+        "health probes of both daemons, to every backend's own address: HTTP on port \
+         {VIP_PORT} (IPv4 and IPv6), TCP on {MIXED_PORT}, UDP on {UDP_PORT}; every \
+         {PROBE_INTERVAL} s, down after {PROBE_FALL} failures, up after {PROBE_RISE} passes"
+    );
     let result = drive(&mut site, &opts).map_err(interrupted);
     if let Err(DemoError::Interrupted) = result {
         drop(site);
@@ -2107,11 +2315,12 @@ fn drive(site: &mut Site, opts: &DemoOptions) -> Result<(), DemoError> {
     round(site, "round 1, all up".into(), vec![])?;
 
     let victim = site.backends()[0].name.clone();
-    let moved = site.fail_backend(&victim)?;
+    let detected = site.fail_backend(&victim)?;
     println!(
-        "  {victim} fails: its server stops; both daemons take it out; {moved} of {RING_SIZE} \
-         ring slots ({:.1}%) move",
-        100.0 * moved as f64 / f64::from(RING_SIZE)
+        "  {victim} fails: its server stops; noticed by the probes of {detected}; its {} of \
+         {RING_SIZE} ring slots ({:.1}%) go to the others",
+        detected.slots,
+        100.0 * f64::from(detected.slots) / f64::from(RING_SIZE)
     );
     round(
         site,
@@ -2120,19 +2329,43 @@ fn drive(site: &mut Site, opts: &DemoOptions) -> Result<(), DemoError> {
     )?;
 
     let cluster = CLUSTERS[1];
-    let moved = site.fail_cluster(cluster)?;
-    println!("  cluster {cluster} fails: every server in it stops; {moved} ring slots move");
-    let mut down: Vec<String> = vec![victim.clone()];
-    down.extend(
-        site.backends()
-            .iter()
-            .filter(|b| b.cluster == cluster)
-            .map(|b| b.name.clone()),
+    let members: Vec<String> = site
+        .backends()
+        .iter()
+        .filter(|b| b.cluster == cluster)
+        .map(|b| b.name.clone())
+        .collect();
+    // With one backend per cluster, failing both would leave nothing to
+    // serve: the victim comes back first.
+    if members.len() == 1 {
+        let detected = site.recover_backend(&victim)?;
+        println!("  {victim} comes back: noticed by the probes of {detected}");
+    }
+    let detected = site.fail_cluster(cluster)?;
+    println!(
+        "  cluster {cluster} fails: every server in it stops; noticed by the probes of \
+         {detected}; its {} ring slots go to the others",
+        detected.slots
     );
-    round(site, format!("round 3, {victim} and {cluster} down"), down)?;
+    let down: Vec<String> = site
+        .backends()
+        .iter()
+        .filter(|b| !b.up)
+        .map(|b| b.name.clone())
+        .collect();
+    round(
+        site,
+        format!("round 3, {} down", down_label(&down, &members, cluster)),
+        down.clone(),
+    )?;
 
-    let moved = site.recover_cluster(cluster)? + site.recover_backend(&victim)?;
-    println!("  {cluster} and {victim} come back: {moved} ring slots move");
+    let detected = site.recover_backends(&down)?;
+    println!(
+        "  {} come back: their servers start; noticed by the probes of {detected}; they take \
+         {} ring slots back",
+        down_label(&down, &members, cluster),
+        detected.slots
+    );
     round(site, "round 4, all up again".into(), vec![])?;
 
     println!();
@@ -2151,6 +2384,20 @@ fn drive(site: &mut Site, opts: &DemoOptions) -> Result<(), DemoError> {
         keep_running(site)?;
     }
     Ok(())
+}
+
+/// "east-1 and west" for the backends `down`, naming a cluster whose
+/// `members` are all down by the cluster.
+fn down_label(down: &[String], members: &[String], cluster: &str) -> String {
+    let mut parts: Vec<String> = down
+        .iter()
+        .filter(|name| !members.contains(name))
+        .cloned()
+        .collect();
+    if members.iter().all(|m| down.contains(m)) {
+        parts.push(cluster.to_owned());
+    }
+    parts.join(" and ")
 }
 
 fn round_summary(round: &Round, down: &[String]) -> String {

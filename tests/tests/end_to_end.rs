@@ -2,7 +2,10 @@
 //! client with an ECMP route over two xlb nodes, each running the real
 //! `xlb run` with the balancer in native XDP, and two clusters of backends
 //! running the decap program, all on one bridge) with real packets and real
-//! TCP connections and UDP datagrams.
+//! TCP connections and UDP datagrams. The daemons probe every backend
+//! (HTTP, TCP and UDP, on the backends' own addresses); the tests fail
+//! backends by stopping their servers and nothing else, so it is the
+//! daemons' probes that must find them.
 //!
 //! Every test builds its own site (some shrink it to one backend per
 //! cluster) and, through [`close`], checks that tearing it down leaves no
@@ -10,18 +13,19 @@
 //! process behind; [`teardown_leaves_nothing_even_after_a_panic`] checks the
 //! same when a test fails halfway.
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::thread;
 use std::time::Duration;
 
 use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, TcpHeader};
 use lb_common::{Counter, OUTER_TTL};
-use xlb::api::{Request, Response};
+use xlb::api::{Admin, BackendView, HealthState, Request, Response};
 use xlb::demo::{
-    CLIENT_ADDR, CLUSTERS, Footprint, Frame, PacketCapture, Round, Site, SiteOptions, TCP_VIP_NAME,
-    UDP_VIP_NAME, VIP, VIP_PORT, WEB6, WEB46, check_round,
+    CLIENT_ADDR, CLUSTERS, Detection, Footprint, Frame, PacketCapture, Round, Site, SiteOptions,
+    TCP_VIP_NAME, UDP_VIP_NAME, VIP, VIP_PORT, WEB6, WEB46, check_round,
 };
 
 const XLB: &str = env!("CARGO_BIN_EXE_xlb-for-tests");
@@ -345,8 +349,74 @@ fn shares_follow_the_weights_and_a_weight_change_at_run_time() {
     close(site);
 }
 
+/// How every node's daemon sees a backend in every VIP: its views (one per
+/// VIP), none of them missing.
+fn views(site: &Site, node: usize, name: &str) -> Vec<BackendView> {
+    let status = site.nodes()[node].status().expect("status");
+    let views: Vec<BackendView> = status
+        .vips
+        .into_iter()
+        .flat_map(|v| v.backends)
+        .filter(|b| b.name == name)
+        .collect();
+    assert_eq!(views.len(), 4, "{name} is in the four VIPs: {views:#?}");
+    views
+}
+
+/// Nobody told the daemons: the backend is still enabled, its own probes
+/// found it down, and the rings left it out. Health is per address, and an
+/// address is down as soon as one of its probes (HTTP and UDP for the IPv4
+/// one, HTTP and TCP for the IPv6 one) is: on each node, each address has a
+/// probe that saw a closed port.
+fn assert_taken_out_by_probes(site: &Site, name: &str) {
+    for (k, node) in site.nodes().iter().enumerate() {
+        let views = views(site, k, name);
+        for view in &views {
+            let at = format!("{name} in {} on {}", view.vip, node.name);
+            assert_eq!(view.admin, Admin::Enabled, "{at}: nobody drained it");
+            assert_eq!(view.health, HealthState::Down, "{at}");
+            assert_eq!(view.slots, 0, "{at}: still has ring slots");
+        }
+        let addrs: BTreeSet<IpAddr> = views.iter().map(|v| v.addr).collect();
+        for addr in addrs {
+            let probes: Vec<_> = views
+                .iter()
+                .filter(|v| v.addr == addr)
+                .map(|v| v.probe.clone().expect("every backend is probed"))
+                .collect();
+            assert!(
+                probes.iter().any(|p| p.state == "down"
+                    && p.last_transition
+                        .as_deref()
+                        .is_some_and(|t| t.starts_with("down ("))),
+                "{name} at {addr} on {}: no probe found it down: {probes:#?}",
+                node.name
+            );
+        }
+    }
+}
+
+fn assert_back_in_service(site: &Site, name: &str) {
+    for (k, node) in site.nodes().iter().enumerate() {
+        for view in views(site, k, name) {
+            let at = format!("{name} in {} on {}", view.vip, node.name);
+            assert_eq!(view.health, HealthState::Up, "{at}");
+            assert!(view.slots > 0, "{at}: no ring slots");
+            assert_eq!(view.probe.expect("probed").state, "up", "{at}");
+        }
+    }
+}
+
+fn assert_noticed_by_both_nodes(detection: &Detection) {
+    let nodes: Vec<&str> = detection.noticed.iter().map(|(n, _)| *n).collect();
+    assert_eq!(nodes, ["xlb1", "xlb2"], "{detection:?}");
+}
+
+/// The daemons' own probes find a backend whose server stopped: from then
+/// on no new connection reaches it; when its server is back, so is its
+/// share.
 #[test]
-fn a_failed_backend_gets_no_new_connections() {
+fn probes_take_a_stopped_backend_out_and_bring_it_back() {
     if !may_run() {
         return;
     }
@@ -359,18 +429,13 @@ fn a_failed_backend_gets_no_new_connections() {
         .into_iter()
         .max_by_key(|(_, count)| *count)
         .expect("some backend answered");
-    let moved = site.fail_backend(&victim).expect("failing a backend");
-    assert!(moved > 0);
-    for node in site.nodes() {
-        let status = node.status().expect("status");
-        let web = status.vips.iter().find(|v| v.name == TCP_VIP_NAME).unwrap();
-        let view = web.backends.iter().find(|b| b.name == victim).unwrap();
-        assert_eq!(
-            view.slots, 0,
-            "{} still gives {victim} ring slots",
-            node.name
-        );
-    }
+    let detection = site.fail_backend(&victim).expect("failing a backend");
+    assert_noticed_by_both_nodes(&detection);
+    assert!(
+        detection.slots > 0,
+        "{victim} had ring slots: {detection:?}"
+    );
+    assert_taken_out_by_probes(&site, &victim);
 
     let down = [victim.clone()];
     let second = site.connect(40).expect("connecting");
@@ -382,30 +447,54 @@ fn a_failed_backend_gets_no_new_connections() {
         0,
         "the xlb nodes sent nothing to {victim}"
     );
+
+    let detection = site.recover_backend(&victim).expect("recovering");
+    assert_noticed_by_both_nodes(&detection);
+    assert_back_in_service(&site, &victim);
+    let n = 120;
+    let third = site.connect(n).expect("connecting");
+    assert_round_ok(&site, &third, "after the recovery", &[]);
+    let count = third.by_backend().get(&victim).copied().unwrap_or(0);
+    assert_share(count, n, 0.25, &format!("{victim}, back among four"));
     close(site);
 }
 
 #[test]
-fn traffic_leaves_a_failed_cluster_and_comes_back() {
+fn probes_move_traffic_off_a_failed_cluster_and_back() {
     if !may_run() {
         return;
     }
     let mut site = build("e2e-cluster", 2);
-    site.fail_cluster("west").expect("failing west");
+    let detection = site.fail_cluster("west").expect("failing west");
+    assert_noticed_by_both_nodes(&detection);
     let down: Vec<String> = site
         .backends()
         .iter()
         .filter(|b| b.cluster == "west")
         .map(|b| b.name.clone())
         .collect();
+    for name in &down {
+        assert_taken_out_by_probes(&site, name);
+    }
     let round = site.connect(30).expect("connecting");
     assert_round_ok(&site, &round, "west down", &down);
     assert_eq!(round.by_cluster().get("east"), Some(&30), "{round:#?}");
+    // UDP follows the same health.
+    let answers: Vec<String> = (43000..43020)
+        .map(|port| site.udp_ask(port).expect("a UDP answer").cluster)
+        .collect();
+    assert!(answers.iter().all(|c| c == "east"), "{answers:?}");
 
-    site.recover_cluster("west").expect("west back");
-    let round = site.connect(40).expect("connecting");
+    let detection = site.recover_cluster("west").expect("west back");
+    assert_noticed_by_both_nodes(&detection);
+    for name in &down {
+        assert_back_in_service(&site, name);
+    }
+    let n = 80;
+    let round = site.connect(n).expect("connecting");
     assert_round_ok(&site, &round, "west back", &[]);
-    assert!(round.by_cluster().contains_key("west"), "{round:#?}");
+    let west = round.by_cluster().get("west").copied().unwrap_or(0);
+    assert_share(west, n, 0.5, "west, back at weights 1:1");
     close(site);
 }
 
