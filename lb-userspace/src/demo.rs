@@ -1588,7 +1588,7 @@ impl Site {
             commands.push((
                 format!("{xlb} --socket {} status", node.socket.display()),
                 format!(
-                    "{}'s daemon: VIPs, clusters, backends, shares, counters",
+                    "{}'s daemon: VIPs, clusters, backends, shares, health probes, counters",
                     node.name
                 ),
             ));
@@ -2360,10 +2360,15 @@ fn drive(site: &mut Site, opts: &DemoOptions) -> Result<(), DemoError> {
     )?;
 
     let detected = site.recover_backends(&down)?;
+    let label = down_label(&down, &members, cluster);
+    let verb = if label.contains(" and ") {
+        "come"
+    } else {
+        "comes"
+    };
     println!(
-        "  {} come back: their servers start; noticed by the probes of {detected}; they take \
-         {} ring slots back",
-        down_label(&down, &members, cluster),
+        "  {label} {verb} back: the servers start; noticed by the probes of {detected}; \
+         {} ring slots go back to them",
         detected.slots
     );
     round(site, "round 4, all up again".into(), vec![])?;
