@@ -1593,6 +1593,12 @@ impl Site {
                 ),
             ));
         }
+        if let Some(node) = self.nodes.first() {
+            commands.push((
+                format!("{xlb} --socket {} top", node.socket.display()),
+                format!("{}'s traffic per VIP and backend, live", node.name),
+            ));
+        }
         if let (Some(node), Some(b)) = (self.nodes.first(), self.backends.first()) {
             commands.push((
                 format!(
