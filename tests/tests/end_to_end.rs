@@ -447,6 +447,16 @@ fn probes_take_a_stopped_backend_out_and_bring_it_back() {
         0,
         "the xlb nodes sent nothing to {victim}"
     );
+    // Its IPv6 address is out too: of the IPv6 VIP and of IPv4 in IPv6.
+    for service in [WEB6, WEB46] {
+        let round = site.connect_to(service, 20).expect("connecting");
+        assert_round_ok(&site, &round, service.name, &down);
+        assert_eq!(round.answered(), 20, "{round:#?}");
+    }
+    let udp: Vec<String> = (44000..44020)
+        .map(|port| site.udp_ask(port).expect("a UDP answer").backend)
+        .collect();
+    assert!(!udp.contains(&victim), "{udp:?}");
 
     let detection = site.recover_backend(&victim).expect("recovering");
     assert_noticed_by_both_nodes(&detection);
