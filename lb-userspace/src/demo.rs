@@ -19,6 +19,11 @@
 //! in the nodes, an XDP program on the bridge ports that receive the nodes'
 //! XDP_TX frames, arp_ignore / arp_announce and rp_filter on the backends.
 //!
+//! The daemons probe every backend themselves (HTTP, TCP and UDP, on the
+//! backends' own addresses): the site fails a backend only by stopping its
+//! servers and then waits, bounded, until both daemons' status shows it
+//! down ([`Site::fail_backend`], [`Detection`]).
+//!
 //! The same [`Site`] backs the end-to-end tests; [`run`] is the demo itself.
 //! Everything lives in namespaces of a [`Topology`] and in one scratch
 //! directory, removed when the site is dropped or closed, also on Ctrl-C
