@@ -30,7 +30,7 @@ use std::{
 use xlb::{
     api::{BackendView, Client, HealthState, Request, Response, Status},
     dataplane::{AttachMode, Dataplane, Limits, Role},
-    health::{ProbeKind, ProbeSpec, ProbeTarget, Reason, probe::probe},
+    health::{ProbeKind, ProbeSpec, ProbeTarget, ProbeVia, Reason, probe::probe},
     topology::{Host, LinkOpts, Topology},
 };
 use xlb_tests::{
@@ -169,6 +169,7 @@ fn target(addr: SocketAddr, kind: ProbeKind) -> ProbeTarget {
         addr: addr.ip(),
         spec: ProbeSpec {
             kind,
+            via: ProbeVia::Backend,
             port: addr.port(),
             interval: Duration::from_millis(500),
             timeout: Duration::from_millis(400),
@@ -177,6 +178,7 @@ fn target(addr: SocketAddr, kind: ProbeKind) -> ProbeTarget {
             jitter_permille: 0,
             flap_backoff: Duration::ZERO,
         },
+        via_vip: None,
     }
 }
 
