@@ -10,7 +10,14 @@
 //! balancer up to the probe's socket.
 //!
 //! Steps, as the balancer's: mark lookup, parse, next hop, encapsulate,
-//! send. Every marked packet moves exactly one `Probe*` verdict counter;
+//! send. The next hop is the backend's `NEXTHOPS` entry; while it has no
+//! valid one (a backend just added, before the controller resolved it),
+//! the FIB gives the interface and `bpf_redirect_neigh` lets the kernel
+//! find (and if need be resolve) the neighbour, so that even a backend's
+//! first probe leaves. The mark is cleared once the packet is
+//! encapsulated: where it is sent on, this program runs again (the same
+//! interface, or another the balancer is on) and must let it pass.
+//! Every marked packet moves exactly one `Probe*` verdict counter;
 //! packets without xlb's mark leave untouched and uncounted (this runs on
 //! every packet the node itself sends, never on balanced traffic, which
 //! XDP transmits without the stack).
@@ -21,10 +28,11 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, TC_ACT_OK, TC_ACT_SHOT,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_FIB_LKUP_RET_FRAG_NEEDED,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_FIB_LOOKUP_SKIP_NEIGH, TC_ACT_OK,
+        TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams,
     },
-    helpers::generated::bpf_redirect,
+    helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     macros::classifier,
     programs::TcContext,
 };
@@ -42,6 +50,19 @@ use crate::{
 };
 
 const ETH_LEN: usize = size_of::<EthHdr>();
+
+/// The kernel's AF_INET / AF_INET6, which the FIB helper takes.
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// How an encapsulated probe leaves.
+enum Way {
+    /// The backend's `NEXTHOPS` entry: its MACs, out of its interface.
+    Hop(NextHop),
+    /// Out of the interface the FIB gave, the kernel's neighbour table
+    /// filling in the MACs.
+    Neighbour { ifindex: u32 },
+}
 
 #[classifier]
 pub fn xlb_probe_egress(ctx: TcContext) -> i32 {
@@ -85,10 +106,11 @@ fn probe(ctx: &TcContext, backend_id: u32) -> Result<i32, Counter> {
     } else {
         IPV6_HDR_LEN
     } as u32;
-    let hop = next_hop(ctx, backend_id, inner.ip_len + overhead)?;
+    let way = next_hop(ctx, backend_id, &backend, inner.ip_len + overhead)?;
     let settings = array_get(&SETTINGS, 0).ok_or(Counter::ProbeDropEncapFailed)?;
-    encapsulate(ctx, &inner, &backend, &settings, &hop, overhead)?;
-    Ok(send(ctx, &hop))
+    encapsulate(ctx, &inner, &backend, &settings, &way, overhead)?;
+    ctx.set_mark(0);
+    Ok(send(ctx, &way))
 }
 
 /// The probe's IP header, right behind the Ethernet header the stack gave
@@ -122,22 +144,60 @@ fn parse(ctx: &TcContext) -> Result<Inner, Counter> {
     Ok(inner)
 }
 
-/// The backend's next-hop entry, as the controller resolved it. There is
-/// no FIB fallback here: the entry is what the balancer uses too, and a
-/// probe that cannot leave fails like one the backend does not answer.
+/// The backend's next-hop entry, as the controller resolved it, else the
+/// FIB's way to the backend. A probe that cannot leave fails like one the
+/// backend does not answer.
 #[inline(always)]
-fn next_hop(ctx: &TcContext, backend_id: u32, outer_len: u32) -> Result<NextHop, Counter> {
-    let hop = array_get(&NEXTHOPS, backend_id)
-        .filter(|hop| hop.flags & NEXTHOP_F_VALID != 0)
-        .ok_or(Counter::ProbeDropNoRoute)?;
+fn next_hop(
+    ctx: &TcContext,
+    backend_id: u32,
+    backend: &Backend,
+    outer_len: u32,
+) -> Result<Way, Counter> {
     // SAFETY: reads a field of the program's own context.
     let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
     // A GSO packet is cut to the MTU later, its segments shrunk by the
     // outer header (`bpf_skb_adjust_room` without FIXED_GSO).
-    if !gso && outer_len > hop.mtu {
-        return Err(Counter::ProbeDropTooBig);
+    let checked_len = if gso { 0 } else { outer_len };
+    if let Some(hop) = array_get(&NEXTHOPS, backend_id)
+        && hop.flags & NEXTHOP_F_VALID != 0
+    {
+        if checked_len > hop.mtu {
+            return Err(Counter::ProbeDropTooBig);
+        }
+        return Ok(Way::Hop(hop));
     }
-    Ok(hop)
+    count(Counter::FibLookup);
+    // SAFETY: `bpf_fib_lookup` is a plain C struct of integers and unions
+    // of integers, for which all-zero bytes are a valid value.
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    if backend.family == FAMILY_V4 {
+        params.family = AF_INET;
+        params.__bindgen_anon_4.ipv4_dst = backend.addr[0];
+    } else {
+        params.family = AF_INET6;
+        params.__bindgen_anon_4.ipv6_dst = backend.addr;
+    }
+    // SAFETY: reads a field of the program's own context.
+    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    params.__bindgen_anon_1.tot_len = checked_len as u16;
+    // SAFETY: the helper reads and writes `params`, a live local of the
+    // size passed; the context is the program's own.
+    let ret = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb.cast(),
+            &mut params,
+            size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_OUTPUT | BPF_FIB_LOOKUP_SKIP_NEIGH,
+        )
+    };
+    match ret as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => Ok(Way::Neighbour {
+            ifindex: params.ifindex,
+        }),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Counter::ProbeDropTooBig),
+        _ => Err(Counter::ProbeDropNoRoute),
+    }
 }
 
 /// Inserts the outer header between the Ethernet header and the probe's
@@ -149,7 +209,7 @@ fn encapsulate(
     inner: &Inner,
     backend: &Backend,
     settings: &Settings,
-    hop: &NextHop,
+    way: &Way,
     overhead: u32,
 ) -> Result<(), Counter> {
     let outer_v4 = backend.family == FAMILY_V4;
@@ -165,9 +225,15 @@ fn encapsulate(
     } else {
         IPPROTO_IPV6
     };
+    // Without a next-hop entry the kernel writes the addresses when it
+    // sends the packet; it only asks that the destination not be multicast.
+    let (dst, src) = match way {
+        Way::Hop(hop) => (hop.dmac, hop.smac),
+        Way::Neighbour { .. } => ([0; 6], [0; 6]),
+    };
     let eth = EthHdr {
-        dst: hop.dmac,
-        src: hop.smac,
+        dst,
+        src,
         ether_type: if outer_v4 { ETH_P_IPV4 } else { ETH_P_IPV6 },
     };
     ctx.store(0, &eth, 0)
@@ -202,15 +268,25 @@ fn encapsulate(
 }
 
 /// Out of this interface when the next hop is on it, else redirected to
-/// the next hop's.
+/// the next hop's; without an entry, to the FIB's interface through the
+/// neighbour table.
 #[inline(always)]
-fn send(ctx: &TcContext, hop: &NextHop) -> i32 {
-    // SAFETY: reads a field of the program's own context.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if hop.ifindex == ifindex {
-        return TC_ACT_OK;
+fn send(ctx: &TcContext, way: &Way) -> i32 {
+    match way {
+        Way::Hop(hop) => {
+            // SAFETY: reads a field of the program's own context.
+            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+            if hop.ifindex == ifindex {
+                return TC_ACT_OK;
+            }
+            // SAFETY: a helper call with plain integer arguments; it only
+            // records the target for when the program returns.
+            unsafe { bpf_redirect(hop.ifindex, 0) as i32 }
+        }
+        // SAFETY: as above; no parameters: the kernel routes the packet's
+        // (outer) destination out of `ifindex` and resolves its neighbour.
+        Way::Neighbour { ifindex } => unsafe {
+            bpf_redirect_neigh(*ifindex, core::ptr::null_mut(), 0, 0) as i32
+        },
     }
-    // SAFETY: a helper call with plain integer arguments; it only records
-    // the target for when the program returns.
-    unsafe { bpf_redirect(hop.ifindex, 0) as i32 }
 }

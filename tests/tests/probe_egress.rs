@@ -43,6 +43,8 @@ macro_rules! fixture {
 struct Egressed {
     action: u32,
     bytes: Vec<u8>,
+    /// The skb's mark as the program left it.
+    mark: u32,
     moved: Delta,
 }
 
@@ -50,6 +52,7 @@ fn run_egress(fx: &Fixture, frame: &[u8], mark: u32) -> Egressed {
     let mut ctx = [0u8; SKB_CTX_LEN];
     ctx[SKB_MARK_OFFSET..SKB_MARK_OFFSET + 4].copy_from_slice(&mark.to_ne_bytes());
     let mut out = vec![0u8; 4096];
+    let mut ctx_out = [0u8; SKB_CTX_LEN];
     let before = fx.counters();
     let result = fx
         .dp
@@ -59,6 +62,7 @@ fn run_egress(fx: &Fixture, frame: &[u8], mark: u32) -> Egressed {
             data_in: Some(frame),
             data_out: Some(&mut out),
             ctx_in: Some(&ctx),
+            ctx_out: Some(&mut ctx_out),
             ..TestRunOptions::default()
         })
         .expect("BPF_PROG_TEST_RUN of the probe egress program");
@@ -66,6 +70,11 @@ fn run_egress(fx: &Fixture, frame: &[u8], mark: u32) -> Egressed {
     Egressed {
         action: result.return_value,
         bytes: out,
+        mark: u32::from_ne_bytes(
+            ctx_out[SKB_MARK_OFFSET..SKB_MARK_OFFSET + 4]
+                .try_into()
+                .unwrap(),
+        ),
         moved: fx.counters().since(&before),
     }
 }
@@ -88,11 +97,13 @@ fn probe_syn(vip: &VipDef) -> Vec<u8> {
 
 /// Runs a marked probe packet and checks it leaves with `action`, exactly
 /// as the balancer would have encapsulated it to `backend_id`, with one
-/// verdict: `probe_encap`.
+/// verdict, `probe_encap`, and without its mark: wherever it is sent on,
+/// this program passes it.
 #[track_caller]
 fn assert_encapsulated(fx: &Fixture, frame: &[u8], backend_id: u32, action: u32) {
     let done = run_egress(fx, frame, probe_mark(backend_id));
     assert_eq!(done.action, action, "tc action");
+    assert_eq!(done.mark, 0, "the mark is cleared once encapsulated");
     let expected = encapsulated(frame, backend(backend_id).addr, fx.egress(backend_id));
     assert_frame_eq(&done.bytes, &expected, "encapsulated probe");
     let parsed = parse_encap(&done.bytes).unwrap_or_else(|e| panic!("malformed output: {e}"));
@@ -153,6 +164,7 @@ fn packets_without_xlb_s_mark_leave_untouched_and_uncounted() {
     for mark in [0, 3, 0x1234_0003, PROBE_MARK_BASE ^ 0x0001_0000] {
         let done = run_egress(&fx, &frame, mark);
         assert_eq!(done.action, TC_ACT_OK, "mark {mark:#x}");
+        assert_eq!(done.mark, mark, "another's mark stays");
         assert_frame_eq(&done.bytes, &frame, "an unmarked packet");
         done.moved.assert_counters(&[]);
     }
@@ -172,12 +184,13 @@ fn a_mark_for_a_backend_that_is_not_programmed_is_dropped_and_counted() {
 }
 
 #[test]
-fn a_backend_without_a_valid_next_hop_is_dropped_and_counted() {
+fn a_backend_without_a_valid_next_hop_and_no_route_is_dropped_and_counted() {
     let mut fx = fixture!();
     fx.dp.nexthops.invalidate(4).expect("writing NEXTHOPS");
+    // The FIB is asked instead; the test's namespace has no route at all.
     let done = run_egress(&fx, &probe_syn(&WEB_V4), probe_mark(4));
     assert_eq!(done.action, TC_ACT_SHOT);
-    done.moved.assert_counters(&[ProbeDropNoRoute]);
+    done.moved.assert_counters(&[FibLookup, ProbeDropNoRoute]);
 }
 
 #[test]

@@ -31,7 +31,9 @@ use std::fmt;
 
 pub use machine::{Cause, Machine, ProbeState, Thresholds, Transition};
 pub use prober::{HealthBoard, HealthSnapshot, LatencyStats, Prober, TargetStatus};
-pub use settings::{ProbeConfig, ProbeKind, ProbeSettings, ProbeSpec, ProbeTarget, ProbeVia, ViaVip};
+pub use settings::{
+    ProbeConfig, ProbeKind, ProbeSettings, ProbeSpec, ProbeTarget, ProbeVia, ViaVip,
+};
 
 /// Why a probe failed.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -37,9 +37,7 @@ pub async fn probe(target: &ProbeTarget) -> Result<(), Reason> {
                 let host = host.clone().unwrap_or_else(|| host_header(addr));
                 http(addr, mark, path, &host, statuses, body.as_deref()).await
             }
-            ProbeKind::Udp { payload, expect } => {
-                udp(addr, mark, payload, expect.as_deref()).await
-            }
+            ProbeKind::Udp { payload, expect } => udp(addr, mark, payload, expect.as_deref()).await,
         }
     };
     match timeout(target.spec.timeout, work).await {
