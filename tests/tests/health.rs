@@ -439,12 +439,13 @@ impl Site {
     /// Two clusters, `east` and `west`, of two backends each, serving on
     /// every address; east is probed over HTTP, west over TCP, every 150 ms.
     fn build() -> Site {
-        Self::build_with("e2e", Listen::Everywhere, "", PROBES, EAST_PROBE, "")
+        Self::build_with("e2e", Listen::Everywhere, "", PROBES, EAST_PROBE, "", "")
     }
 
     /// The same site with servers listening as `listen` says, `policy`
-    /// lines for `[node.policy]`, and the VIP's, east's and west's probe
-    /// tables given (a table line or nothing).
+    /// lines for `[node.policy]`, the VIP's, east's and west's probe
+    /// tables given (a table line or nothing), and `more_vips` at the end
+    /// of the config.
     fn build_with(
         name: &str,
         listen: Listen,
@@ -452,6 +453,7 @@ impl Site {
         vip_probe: &str,
         east_probe: &str,
         west_probe: &str,
+        more_vips: &str,
     ) -> Site {
         let scratch = Scratch::new("health", name);
         let bpffs = BpfFs::mount(scratch.dir.join("bpf"));
@@ -547,18 +549,20 @@ impl Site {
         let dir = &scratch.dir;
         let socket = dir.join("xlb.sock");
         let config = dir.join("xlb.toml");
+        // Ring storage for web's 65537 slots and a small (4099) second VIP.
         fs::write(
             &config,
             format!(
                 "[node]\ninterfaces = [\"eth0\"]\nattach_mode = \"native\"\n\
                  source_v4 = \"{NODE}\"\napi_socket = \"{}\"\nstate_file = \"{}\"\npin_path = \"{}\"\n\
-                 [node.limits]\nmax_vips = 4\nmax_backends = 16\nring_capacity = 65537\nconntrack_size = 4096\n\
+                 [node.limits]\nmax_vips = 4\nmax_backends = 16\nring_capacity = 69636\nconntrack_size = 4096\n\
                  [node.policy]\n{policy}\n\
                  [vip.web]\naddr = \"{VIP}\"\nport = 80\n{vip_probe}\n\
                  [vip.web.cluster.east]\n{east_probe}\n\
                  backend.e1 = {{ addr = \"198.18.0.11\" }}\nbackend.e2 = {{ addr = \"198.18.0.12\" }}\n\
                  [vip.web.cluster.west]\n{west_probe}\n\
-                 backend.w1 = {{ addr = \"198.18.0.21\" }}\nbackend.w2 = {{ addr = \"198.18.0.22\" }}\n",
+                 backend.w1 = {{ addr = \"198.18.0.21\" }}\nbackend.w2 = {{ addr = \"198.18.0.22\" }}\n\
+                 {more_vips}",
                 socket.display(),
                 dir.join("state.toml").display(),
                 bpffs.mount.join("xlb").display(),
@@ -842,12 +846,27 @@ fn failed_backends_and_clusters_leave_the_rings_and_come_back() {
     assert!(Topology::leftovers(&prefix).expect("listing").is_empty());
 }
 
+/// Echoes UDP datagrams on `socket` until `stop`.
+fn udp_echo(socket: UdpSocket, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+    socket
+        .set_read_timeout(Some(Duration::from_millis(20)))
+        .expect("timeout");
+    thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while !stop.load(Ordering::SeqCst) {
+            if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(&buf[..n], from);
+            }
+        }
+    })
+}
+
 /// Via-VIP probes go where a client's packets go: to the VIP, in the
 /// balancer's tunnel, to exactly one backend. Every server here listens on
 /// the VIP only, so a probe of a backend's own address is refused: east,
-/// probed through the VIP, is up; west, probed at the backends' own
-/// addresses, is down. East's probes then follow its servers, each
-/// backend's on its own.
+/// probed through the VIP (HTTP on `web`, UDP on `web-udp`), is up; west,
+/// probed at the backends' own addresses, is down. East's probes then
+/// follow its servers, each backend's on its own.
 #[test]
 fn via_vip_probes_reach_the_vip_on_each_backend_through_the_tunnel() {
     if !privileged() {
@@ -862,7 +881,25 @@ fn via_vip_probes_reach_the_vip_on_each_backend_through_the_tunnel() {
         "probe = { interval = 0.15, timeout = 0.1, rise = 2, fall = 2, flap_backoff = 0, via = \"vip\" }",
         EAST_PROBE,
         "probe = { via = \"backend\" }",
+        "[vip.web-udp]\naddr = \"198.18.100.1\"\nport = 9001\nproto = \"udp\"\nring_size = 4099\n\
+         probe = { kind = \"udp\", via = \"vip\", payload = \"hello\", expect = \"hello\", \
+         interval = 0.15, timeout = 0.1, rise = 2, fall = 2, flap_backoff = 0 }\n\
+         [vip.web-udp.cluster.east]\n\
+         backend.e1 = { addr = \"198.18.0.11\" }\nbackend.e2 = { addr = \"198.18.0.12\" }\n",
     );
+    let stop_echo = Arc::new(AtomicBool::new(false));
+    let echoes: Vec<JoinHandle<()>> = ["e1", "e2"]
+        .iter()
+        .map(|name| {
+            let socket = site
+                .backend(name)
+                .host
+                .run_in(|| UdpSocket::bind((VIP, 9001)))
+                .expect("entering a backend")
+                .expect("binding the VIP's UDP port");
+            udp_echo(socket, Arc::clone(&stop_echo))
+        })
+        .collect();
     let settled = site.wait("east up through the VIP, west down at its addresses", |s| {
         ["e1", "e2"].iter().all(|b| {
             backend_view(s, b)
@@ -896,6 +933,28 @@ fn via_vip_probes_reach_the_vip_on_each_backend_through_the_tunnel() {
             ("tcp", "backend", addr)
         );
         assert_eq!(probe.last_transition.as_deref(), Some("down (refused)"));
+    }
+    let udp = site.wait("the UDP probes through the VIP pass", |s| {
+        s.vips[1].backends.iter().all(|b| {
+            b.probe
+                .as_ref()
+                .is_some_and(|p| p.probes >= 3 && p.last_result.as_deref() == Some("ok"))
+        })
+    });
+    assert_eq!(udp.vips[1].name, "web-udp");
+    for b in &udp.vips[1].backends {
+        let probe = b.probe.as_ref().unwrap();
+        assert_eq!(
+            (
+                probe.kind.as_str(),
+                probe.via.as_str(),
+                probe.target.as_str(),
+                probe.state.as_str()
+            ),
+            ("udp", "vip", "198.18.100.1:9001", "up"),
+            "{}",
+            b.name
+        );
     }
     let encapsulated = settled.counters.get("probe_encap").copied().unwrap_or(0);
     assert!(
@@ -942,6 +1001,10 @@ fn via_vip_probes_reach_the_vip_on_each_backend_through_the_tunnel() {
     // SAFETY: plain kill(2) of the child this test started.
     unsafe { libc::kill(daemon.pid() as libc::pid_t, libc::SIGTERM) };
     let _ = daemon.wait_with_output();
+    stop_echo.store(true, Ordering::SeqCst);
+    for echo in echoes {
+        echo.join().expect("a UDP echo thread");
+    }
     let prefix = site.topology.prefix().to_owned();
     drop(site);
     assert!(Topology::leftovers(&prefix).expect("listing").is_empty());
