@@ -32,7 +32,7 @@ use anyhow::{Context, Result, ensure};
 use serde::Serialize;
 use xlb::{
     dataplane::{Dataplane, Limits},
-    health::{ProbeKind, ProbeSpec, ProbeTarget, Prober},
+    health::{ProbeKind, ProbeSpec, ProbeTarget, ProbeVia, Prober},
     policy::PolicyOptions,
     reconcile::{NodeOptions, Reconciler},
     state::{Backend, Cluster, DesiredState, Health, Proto, Vip},
@@ -174,6 +174,7 @@ fn prober_cpu(args: &Args) -> Result<CpuReport> {
             addr: IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 1, 0, 0)) + n)),
             spec: ProbeSpec {
                 kind: ProbeKind::Tcp,
+                via: ProbeVia::Backend,
                 port: PORT,
                 interval,
                 timeout: Duration::from_millis(500),
@@ -182,6 +183,7 @@ fn prober_cpu(args: &Args) -> Result<CpuReport> {
                 jitter_permille: 100,
                 flap_backoff: Duration::from_secs(30),
             },
+            via_vip: None,
         })
         .collect();
     let seconds = args.seconds;

@@ -71,6 +71,20 @@ pub mod map_names {
 pub mod program_names {
     pub const BALANCER: &str = "xlb_balancer";
     pub const DECAP: &str = "xlb_decap";
+    pub const PROBE_EGRESS: &str = "xlb_probe_egress";
+}
+
+/// Socket marks of via-VIP health probes: `PROBE_MARK_BASE | backend id`.
+/// The tc egress program encapsulates a packet carrying such a mark to that
+/// backend, as the balancer would have; no other packet is touched. Backend
+/// ids are below [`MAX_IDS`] (16 bits), so the id fills the low half and
+/// the high half tells xlb's marks from anyone else's.
+pub const PROBE_MARK_BASE: u32 = 0x584c_0000;
+pub const PROBE_MARK_MASK: u32 = 0xffff_0000;
+
+/// The mark of a via-VIP probe to `backend_id`.
+pub const fn probe_mark(backend_id: u32) -> u32 {
+    PROBE_MARK_BASE | (backend_id & !PROBE_MARK_MASK)
 }
 
 /// An IPv4 or IPv6 address in the maps' layout (see the crate docs).
@@ -379,10 +393,27 @@ pub enum Counter {
     DecapPassNotTunnel,
     /// Decap verdict: a tunnel packet too short or inconsistent.
     DecapDropMalformed,
+    /// Probe egress verdict: a via-VIP probe packet encapsulated to its
+    /// backend and sent.
+    ProbeEncap,
+    /// Probe egress verdict: the mark names a backend id that is not
+    /// programmed.
+    ProbeDropNoBackend,
+    /// Probe egress verdict: the backend has no valid next-hop entry.
+    ProbeDropNoRoute,
+    /// Probe egress verdict: the marked packet is not IPv4/IPv6 behind an
+    /// Ethernet header, or its IP header is cut short.
+    ProbeDropMalformed,
+    /// Probe egress verdict: the encapsulated packet would exceed the
+    /// next hop's MTU.
+    ProbeDropTooBig,
+    /// Probe egress verdict: the kernel refused to make room for the outer
+    /// header, or to write it.
+    ProbeDropEncapFailed,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 23] = [
+    pub const ALL: [Counter; 29] = [
         Counter::PassNotIp,
         Counter::PassNotVip,
         Counter::PassMalformed,
@@ -406,6 +437,12 @@ impl Counter {
         Counter::DecapOk,
         Counter::DecapPassNotTunnel,
         Counter::DecapDropMalformed,
+        Counter::ProbeEncap,
+        Counter::ProbeDropNoBackend,
+        Counter::ProbeDropNoRoute,
+        Counter::ProbeDropMalformed,
+        Counter::ProbeDropTooBig,
+        Counter::ProbeDropEncapFailed,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -435,6 +472,12 @@ impl Counter {
             Counter::DecapOk => "decap_ok",
             Counter::DecapPassNotTunnel => "decap_pass_not_tunnel",
             Counter::DecapDropMalformed => "decap_drop_malformed",
+            Counter::ProbeEncap => "probe_encap",
+            Counter::ProbeDropNoBackend => "probe_drop_no_backend",
+            Counter::ProbeDropNoRoute => "probe_drop_no_route",
+            Counter::ProbeDropMalformed => "probe_drop_malformed",
+            Counter::ProbeDropTooBig => "probe_drop_too_big",
+            Counter::ProbeDropEncapFailed => "probe_drop_encap_failed",
         }
     }
 }

@@ -2,6 +2,8 @@
 //! connection table (a known flow needs nothing else), else look the VIP up
 //! and take its ring; then find the next hop, encapsulate, count, send. Each step lives in its own module and returns
 //! either its result or the verdict counter that ends the packet's path.
+//! The object also holds the backends' decapsulator (`decap.rs`) and the
+//! node's tc egress program for via-VIP health probes (`probe.rs`).
 #![no_std]
 #![no_main]
 
@@ -13,6 +15,7 @@ mod log;
 mod maps;
 mod nexthop;
 mod parse;
+mod probe;
 mod select;
 mod vip;
 

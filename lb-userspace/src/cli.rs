@@ -769,12 +769,14 @@ fn backend_table(backends: &[BackendView], with_vip: bool, indent: &str) -> Stri
 }
 
 /// `http:80 down, last: down (timeout) 12s ago, held out 18s`, or `-`
-/// when the backend is not probed.
+/// when the backend is not probed; a probe through the VIP says so
+/// (`tcp:80 via VIP up`).
 fn probe_text(probe: Option<&crate::health::TargetStatus>) -> String {
     let Some(p) = probe else {
         return "-".into();
     };
-    let mut out = format!("{}:{} {}", p.kind, p.port, p.state);
+    let via = if p.via == "vip" { " via VIP" } else { "" };
+    let mut out = format!("{}:{}{via} {}", p.kind, p.port, p.state);
     if let (Some(last), Some(at)) = (&p.last_transition, p.last_transition_unix) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -933,6 +935,8 @@ mod tests {
         let probe = crate::health::TargetStatus {
             kind: "http".into(),
             port: 8080,
+            via: "backend".into(),
+            target: "198.18.1.10:8080".into(),
             state: "down".into(),
             last_result: Some("ok".into()),
             last_transition: Some("down (bad status 503)".into()),
@@ -945,6 +949,18 @@ mod tests {
             probe_text(Some(&probe)),
             "http:8080 down, last: down (bad status 503) 12s ago, flapping: held out 18s"
         );
+        let through_vip = crate::health::TargetStatus {
+            via: "vip".into(),
+            target: "198.18.100.1:80".into(),
+            port: 80,
+            kind: "tcp".into(),
+            state: "up".into(),
+            last_transition: None,
+            last_transition_unix: None,
+            held_out_secs: None,
+            ..probe
+        };
+        assert_eq!(probe_text(Some(&through_vip)), "tcp:80 via VIP up");
     }
 
     #[test]

@@ -128,6 +128,7 @@
 //! | field | type | default | meaning |
 //! | --- | --- | --- | --- |
 //! | `kind` | `"tcp"`, `"http"`, `"udp"` | the VIP's proto | TCP connect, HTTP/1.1 GET, or a UDP datagram that must be answered |
+//! | `via` | `"backend"`, `"vip"` | `"backend"` | connect to the backend's own address, or to the VIP through the balancer's tunnel to this backend (see the README, "Health probes") |
 //! | `port` | 1 to 65535 | the VIP's port | required when the VIP's port is 0 |
 //! | `interval` | seconds, 0.01 to 3600 | 2 | between probes |
 //! | `timeout` | seconds, 0.01 to 3600 | 1 | a probe's whole budget; at most `interval` |
@@ -174,7 +175,7 @@ use toml::{
 
 use crate::{
     dataplane::{AttachMode, Limits, XdpLog},
-    health::settings::{ClusterProbes, KindName, ProbeConfig, ProbeSettings},
+    health::settings::{ClusterProbes, KindName, ProbeConfig, ProbeSettings, ProbeVia},
     maglev::{self, MaglevError},
     policy::PolicyOptions,
     state::{AdminState, Affinity, Backend, Cluster, DesiredState, Proto, Vip},
@@ -578,6 +579,7 @@ struct RawBackend {
 #[serde(deny_unknown_fields)]
 struct RawProbe {
     kind: Option<Spanned<RawProbeKind>>,
+    via: Option<Spanned<RawProbeVia>>,
     port: Option<Spanned<i64>>,
     interval: Option<Spanned<f64>>,
     timeout: Option<Spanned<f64>>,
@@ -599,6 +601,13 @@ enum RawProbeKind {
     Tcp,
     Http,
     Udp,
+}
+
+#[derive(Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawProbeVia {
+    Backend,
+    Vip,
 }
 
 #[derive(Clone, Copy, Deserialize)]
@@ -785,7 +794,10 @@ fn hint(shape: &str) -> Option<&'static str> {
             "\"enabled\" (the default), \"drained\" or \"disabled\""
         }
         "vip.*.probe" | "vip.*.cluster.*.probe" | "vip.*.cluster.*.backend.*.probe" => {
-            "a table probe = { kind = \"tcp\" | \"http\" | \"udp\", port, interval, timeout, rise, fall, jitter, flap_backoff, ... }"
+            "a table probe = { kind = \"tcp\" | \"http\" | \"udp\", via = \"backend\" | \"vip\", port, interval, timeout, rise, fall, jitter, flap_backoff, ... }"
+        }
+        s if s.ends_with(".probe.via") => {
+            "\"backend\" (the default: the backend's own address) or \"vip\" (the VIP, through the balancer's tunnel)"
         }
         s if s.ends_with(".probe.kind") => {
             "\"tcp\", \"http\" or \"udp\" (default: the VIP's proto)"
@@ -1376,6 +1388,13 @@ impl Converter {
                     RawProbeKind::Udp => KindName::Udp,
                 }
             }),
+            via: raw.via.as_ref().map(|via| {
+                self.note(&format!("{path}.via"), via);
+                match via.get_ref() {
+                    RawProbeVia::Backend => ProbeVia::Backend,
+                    RawProbeVia::Vip => ProbeVia::Vip,
+                }
+            }),
             ..ProbeSettings::default()
         };
         if let Some(port) = &raw.port {
@@ -1946,7 +1965,7 @@ mod tests {
         assert_eq!(dns.affinity, Affinity::Client);
         assert_eq!(dns.backends().count(), 3);
 
-        let (targets, problems) = config.probes.targets(&config.state);
+        let (targets, problems) = config.probes.targets(&config.state, |_, _| Some(7));
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(targets.len(), 9, "every backend is probed");
         let target = |v: &str, c: &str, b: &str| {
@@ -1960,8 +1979,13 @@ mod tests {
         );
         assert!(matches!(&e1.kind, ProbeKind::Http { statuses, body, .. }
             if statuses == &[200, 204] && body.as_deref() == Some("ok")));
+        assert_eq!(e1.via, ProbeVia::Backend);
         let s1 = target("web", "standby", "s1");
         assert_eq!((s1.port, s1.fall, s1.kind.name()), (8081, 2, "http"));
+        assert_eq!(s1.via, ProbeVia::Vip);
+        let s1 = &targets[&("web".into(), "standby".into(), "s1".into())];
+        assert_eq!(s1.socket(), "198.18.100.1:8081".parse().unwrap());
+        assert_eq!(s1.mark(), Some(lb_common::probe_mark(7)));
         let d1 = target("dns", "east", "d1");
         assert_eq!((d1.kind.name(), d1.port), ("udp", 53));
     }
@@ -2383,6 +2407,17 @@ mod tests {
             "NODE[vip.web]\naddr = \"198.18.100.1\"\nport = 80\nprobe = { kind = @@\"icmp\" }\n",
             "vip.\"web\".probe.kind",
             &["unknown variant `icmp`", "`tcp`", "`http`", "`udp`"],
+        ),
+        (
+            "NODE[vip.web]\naddr = \"198.18.100.1\"\nport = 80\n[vip.web.probe]\nvia = @@\"client\"\n",
+            "vip.\"web\".probe.via",
+            &["unknown variant `client`", "`backend`", "`vip`"],
+        ),
+        (
+            "NODE[vip.web]\naddr = \"198.18.100.1\"\nport = 80\n\
+             [vip.web.cluster.east]\nbackend.b1 = { addr = \"198.18.1.1\", probe = { via = @@1 } }\n",
+            "vip.\"web\".cluster.\"east\".backend.\"b1\".probe.via",
+            &["\"backend\" (the default", "or \"vip\""],
         ),
         (
             "NODE[vip.web]\naddr = \"198.18.100.1\"\nport = 80\n[vip.web.probe]\ninterval = @@0\n",

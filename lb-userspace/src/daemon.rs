@@ -802,7 +802,10 @@ impl Control {
 
     /// Hands the prober the targets of the desired state.
     fn probe_desired(&mut self) {
-        let (targets, problems) = self.probes.targets(&self.desired);
+        let reconciler = &self.reconciler;
+        let (targets, problems) = self.probes.targets(&self.desired, |vip, addr| {
+            reconciler.known_backend_id(vip, addr)
+        });
         let targets: BTreeSet<ProbeTarget> = targets.into_values().collect();
         let changed = self.probe_targets.send_if_modified(|current| {
             let changed = *current != targets;
@@ -830,10 +833,9 @@ impl Control {
             .probes
             .settings(&vip.name, &cluster.name, &backend.name)?;
         let spec = settings.resolve(vip.port, vip.proto).ok()?;
-        self.board.status(&ProbeTarget {
-            addr: backend.addr,
-            spec,
-        })
+        let id = || self.reconciler.known_backend_id(&vip.name, backend.addr);
+        self.board
+            .status(&ProbeTarget::new(vip, backend, spec, id)?)
     }
 
     /// Programs what the fleet's store holds at a new revision; returns the

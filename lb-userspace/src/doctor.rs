@@ -6,8 +6,10 @@
 //! the host never answers ARP for a VIP, a reverse-path filter that lets the
 //! client's packets in, and room for the encapsulation overhead (MTU or MSS).
 //! On an xlb node: the balancer attached (and in which mode), forwarding on
-//! its interfaces, a route and a resolved neighbour for every backend, and
-//! an MTU toward them that fits an encapsulated full-size packet.
+//! its interfaces, a route and a resolved neighbour for every backend, an
+//! MTU toward them that fits an encapsulated full-size packet, and for
+//! every VIP with via-VIP probes a route to the VIP out of a balancer
+//! interface (where the probe egress program encapsulates them).
 //!
 //! Everything is read from the kernel of the namespace it runs in, through
 //! `ip -json` and `/proc/sys/net`, so it checks exactly what the packets
@@ -499,6 +501,68 @@ pub fn check_node(
             client_mtu,
             node.interfaces.first(),
         )?);
+    }
+    findings.extend(check_probe_routes(&config)?);
+    Ok(findings)
+}
+
+/// A via-VIP probe connects to the VIP from the node: the node needs a
+/// route to it (the default route will do) out of an interface the
+/// balancer, and so the probe egress program, is on. Anywhere else the
+/// probe leaves unencapsulated, or not at all.
+fn check_probe_routes(config: &config::Config) -> Result<Vec<Finding>, DoctorError> {
+    let (targets, _) = config.probes.targets(&config.state, |_, _| Some(0));
+    let vips: BTreeSet<IpAddr> = targets
+        .values()
+        .filter_map(|target| target.via_vip.map(|via| via.vip))
+        .collect();
+    let interfaces = &config.node.interfaces;
+    let dev_hint = interfaces.first().map_or("IFACE", String::as_str);
+    let mut findings = Vec::new();
+    for vip in vips {
+        let family = if vip.is_ipv4() { "-4" } else { "-6" };
+        let len = if vip.is_ipv4() { 32 } else { 128 };
+        let mark = lb_common::PROBE_MARK_BASE.to_string();
+        let route = ip_json(&[family, "route", "get", &vip.to_string(), "mark", &mark]).ok();
+        let route = route
+            .as_ref()
+            .and_then(|r| r.as_array())
+            .and_then(|r| r.first())
+            .cloned();
+        let check = format!("route to VIP {vip} for via-VIP probes");
+        let fix = vec![format!(
+            "ip route add {vip}/{len} via GATEWAY dev {dev_hint}   # or a default route out of {dev_hint}"
+        )];
+        let Some(route) = route else {
+            findings.push(Finding::problem(
+                check,
+                "none: via-VIP probes cannot leave and fail as unreachable",
+                fix,
+            ));
+            continue;
+        };
+        let dev = route["dev"].as_str().unwrap_or_default();
+        let kind = route["type"].as_str().unwrap_or("unicast");
+        if kind != "unicast" {
+            findings.push(Finding::problem(
+                check,
+                format!(
+                    "a {kind} route: the probes never leave this node (is the VIP an address here?)"
+                ),
+                fix,
+            ));
+        } else if !interfaces.iter().any(|i| i == dev) {
+            findings.push(Finding::problem(
+                check,
+                format!(
+                    "leaves by {dev}, where the balancer (and its probe egress program) is not: \
+                     the probes go out unencapsulated"
+                ),
+                fix,
+            ));
+        } else {
+            findings.push(Finding::ok(format!("{check}: dev {dev}")));
+        }
     }
     Ok(findings)
 }

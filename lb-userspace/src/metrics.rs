@@ -288,6 +288,8 @@ pub fn verdict_of(counter: Counter) -> Option<&'static str> {
         PassNotIp | PassNotVip | PassMalformed | DropMalformed | DropFragment | DropNoBackend
         | DropTooBig | DropNoRoute | DropEncapFailed | Tx | Redirect => Some("balancer"),
         DecapOk | DecapPassNotTunnel | DecapDropMalformed => Some("decap"),
+        ProbeEncap | ProbeDropNoBackend | ProbeDropNoRoute | ProbeDropMalformed
+        | ProbeDropTooBig | ProbeDropEncapFailed => Some("probe_egress"),
         Fragment | Ipv4Options | ConnHit | ConnMiss | ConnInsertFailed | ConnEvicted
         | ConnBackendDown | FibLookup | GatewayFallback => None,
     }

@@ -163,6 +163,11 @@ impl Reconciler {
         &self.programmed
     }
 
+    /// The id of `vip`'s backend at `addr`, once a plan handed one out.
+    pub fn known_backend_id(&self, vip: &str, addr: IpAddr) -> Option<u32> {
+        self.backend_ids.get(&(vip.to_owned(), addr)).copied()
+    }
+
     /// Takes over what an earlier process programmed (the caller reads it
     /// back from pinned maps): `programmed` becomes what is programmed, and
     /// the ids and ring places in it stay with their VIPs (by name) and

@@ -27,6 +27,12 @@ pub fn is_verdict(counter: Counter) -> bool {
             | DecapOk
             | DecapPassNotTunnel
             | DecapDropMalformed
+            | ProbeEncap
+            | ProbeDropNoBackend
+            | ProbeDropNoRoute
+            | ProbeDropMalformed
+            | ProbeDropTooBig
+            | ProbeDropEncapFailed
     )
 }
 

@@ -401,6 +401,42 @@ fn a_node_is_checked_and_every_fix_it_prints_works() {
         false,
     );
 
+    // Via-VIP probes connect to the VIP: the node needs a route to it out
+    // of the balancer's interface.
+    let via_vip = site.dir.join("via-vip.toml");
+    let text = fs::read_to_string(good).expect("reading a config");
+    fs::write(
+        &via_vip,
+        text.replacen("port = 80\n", "port = 80\nprobe = { via = \"vip\" }\n", 1),
+    )
+    .expect("writing a config");
+    let via_args = ["--role", "node", "--config", via_vip.to_str().unwrap()];
+    expect_problem(
+        &host,
+        &via_args,
+        "route to VIP 198.18.100.1 for via-VIP probes",
+        "ip route add 198.18.100.1/32 via GATEWAY dev eth0",
+        false,
+    );
+    sh(&host, "ip route add 198.18.100.1/32 dev lo");
+    expect_problem(
+        &host,
+        &via_args,
+        "route to VIP 198.18.100.1 for via-VIP probes",
+        "ip route add 198.18.100.1/32 via GATEWAY dev eth0",
+        false,
+    );
+    sh(
+        &host,
+        "ip route replace 198.18.100.1/32 via 198.18.0.11 dev eth0",
+    );
+    let (ok, report) = doctor(&host, &via_args);
+    assert!(ok, "{report}");
+    assert!(
+        report.contains("ok    route to VIP 198.18.100.1 for via-VIP probes: dev eth0"),
+        "{report}"
+    );
+
     site.node_dp
         .detach(Role::Balancer, "eth0")
         .expect("detaching the balancer");

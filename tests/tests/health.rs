@@ -30,7 +30,7 @@ use std::{
 use xlb::{
     api::{BackendView, Client, HealthState, Request, Response, Status},
     dataplane::{AttachMode, Dataplane, Limits, Role},
-    health::{ProbeKind, ProbeSpec, ProbeTarget, Reason, probe::probe},
+    health::{ProbeKind, ProbeSpec, ProbeTarget, ProbeVia, Reason, probe::probe},
     topology::{Host, LinkOpts, Topology},
 };
 use xlb_tests::{
@@ -169,6 +169,7 @@ fn target(addr: SocketAddr, kind: ProbeKind) -> ProbeTarget {
         addr: addr.ip(),
         spec: ProbeSpec {
             kind,
+            via: ProbeVia::Backend,
             port: addr.port(),
             interval: Duration::from_millis(500),
             timeout: Duration::from_millis(400),
@@ -177,6 +178,7 @@ fn target(addr: SocketAddr, kind: ProbeKind) -> ProbeTarget {
             jitter_permille: 0,
             flap_backoff: Duration::ZERO,
         },
+        via_vip: None,
     }
 }
 
@@ -379,15 +381,30 @@ struct Backend {
     name: String,
     host: Host,
     server: Option<Server>,
+    listen: Listen,
     _decap: Dataplane,
+}
+
+/// Where a backend's server listens.
+#[derive(Clone, Copy)]
+enum Listen {
+    /// Every address of the host: its own and the VIP.
+    Everywhere,
+    /// The VIP (on lo) only: reachable through the balancer's tunnel, not
+    /// at the backend's own address.
+    VipOnly,
 }
 
 impl Backend {
     fn start(&mut self) {
         assert!(self.server.is_none());
+        let ip = match self.listen {
+            Listen::Everywhere => Ipv4Addr::UNSPECIFIED,
+            Listen::VipOnly => VIP,
+        };
         let listener = self
             .host
-            .run_in(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, 80)))
+            .run_in(|| TcpListener::bind((ip, 80)))
             .expect("entering a backend")
             .expect("binding port 80");
         self.server = Some(Server::spawn(listener, backend_service, self.name.clone()));
@@ -412,13 +429,35 @@ struct Site {
     socket: PathBuf,
 }
 
+/// The probe tables of the standard site: every 150 ms, east over HTTP,
+/// west over TCP.
+const PROBES: &str =
+    "probe = { interval = 0.15, timeout = 0.1, rise = 2, fall = 2, flap_backoff = 0 }";
+const EAST_PROBE: &str = "probe = { kind = \"http\", path = \"/health\", body = \"ok\" }";
+
 impl Site {
-    /// Two clusters, `east` and `west`, of two backends each; east is
-    /// probed over HTTP, west over TCP, every 150 ms.
+    /// Two clusters, `east` and `west`, of two backends each, serving on
+    /// every address; east is probed over HTTP, west over TCP, every 150 ms.
     fn build() -> Site {
-        let scratch = Scratch::new("health", "e2e");
+        Self::build_with("e2e", Listen::Everywhere, "", PROBES, EAST_PROBE, "", "")
+    }
+
+    /// The same site with servers listening as `listen` says, `policy`
+    /// lines for `[node.policy]`, the VIP's, east's and west's probe
+    /// tables given (a table line or nothing), and `more_vips` at the end
+    /// of the config.
+    fn build_with(
+        name: &str,
+        listen: Listen,
+        policy: &str,
+        vip_probe: &str,
+        east_probe: &str,
+        west_probe: &str,
+        more_vips: &str,
+    ) -> Site {
+        let scratch = Scratch::new("health", name);
         let bpffs = BpfFs::mount(scratch.dir.join("bpf"));
-        let topology = Topology::new("health-e2e").expect("topology");
+        let topology = Topology::new(&format!("health-{name}")).expect("topology");
         let fabric = topology.bridge("fabric").expect("fabric");
         let client = topology.host("client").expect("client");
         let link = topology
@@ -448,6 +487,11 @@ impl Site {
         for key in ["net.ipv4.ip_forward", "net.ipv4.conf.eth0.forwarding"] {
             node.sysctl(key, "1").expect("forwarding on");
         }
+        // Via-VIP probes route to the VIP out of the balancer's interface;
+        // the gateway only has to answer ARP: the probe egress program
+        // rewrites the frame for the backend's next hop.
+        node.add_route(&format!("{VIP}/32"), &[CLIENT.into()])
+            .expect("the node's route to the VIP");
         let fabric_pass = fabric
             .host()
             .run_in(|| {
@@ -495,6 +539,7 @@ impl Site {
                     name,
                     host,
                     server: None,
+                    listen,
                     _decap: decap,
                 };
                 backend.start();
@@ -504,19 +549,20 @@ impl Site {
         let dir = &scratch.dir;
         let socket = dir.join("xlb.sock");
         let config = dir.join("xlb.toml");
+        // Ring storage for web's 65537 slots and a small (4099) second VIP.
         fs::write(
             &config,
             format!(
                 "[node]\ninterfaces = [\"eth0\"]\nattach_mode = \"native\"\n\
                  source_v4 = \"{NODE}\"\napi_socket = \"{}\"\nstate_file = \"{}\"\npin_path = \"{}\"\n\
-                 [node.limits]\nmax_vips = 4\nmax_backends = 16\nring_capacity = 65537\nconntrack_size = 4096\n\
-                 [vip.web]\naddr = \"{VIP}\"\nport = 80\n\
-                 probe = {{ interval = 0.15, timeout = 0.1, rise = 2, fall = 2, flap_backoff = 0 }}\n\
-                 [vip.web.cluster.east]\n\
-                 probe = {{ kind = \"http\", path = \"/health\", body = \"ok\" }}\n\
+                 [node.limits]\nmax_vips = 4\nmax_backends = 16\nring_capacity = 69636\nconntrack_size = 4096\n\
+                 [node.policy]\n{policy}\n\
+                 [vip.web]\naddr = \"{VIP}\"\nport = 80\n{vip_probe}\n\
+                 [vip.web.cluster.east]\n{east_probe}\n\
                  backend.e1 = {{ addr = \"198.18.0.11\" }}\nbackend.e2 = {{ addr = \"198.18.0.12\" }}\n\
-                 [vip.web.cluster.west]\n\
-                 backend.w1 = {{ addr = \"198.18.0.21\" }}\nbackend.w2 = {{ addr = \"198.18.0.22\" }}\n",
+                 [vip.web.cluster.west]\n{west_probe}\n\
+                 backend.w1 = {{ addr = \"198.18.0.21\" }}\nbackend.w2 = {{ addr = \"198.18.0.22\" }}\n\
+                 {more_vips}",
                 socket.display(),
                 dir.join("state.toml").display(),
                 bpffs.mount.join("xlb").display(),
@@ -795,6 +841,170 @@ fn failed_backends_and_clusters_leave_the_rings_and_come_back() {
     unsafe { libc::kill(daemon.pid() as libc::pid_t, libc::SIGTERM) };
     let _ = daemon.wait_with_output();
     drop(held);
+    let prefix = site.topology.prefix().to_owned();
+    drop(site);
+    assert!(Topology::leftovers(&prefix).expect("listing").is_empty());
+}
+
+/// Echoes UDP datagrams on `socket` until `stop`.
+fn udp_echo(socket: UdpSocket, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+    socket
+        .set_read_timeout(Some(Duration::from_millis(20)))
+        .expect("timeout");
+    thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while !stop.load(Ordering::SeqCst) {
+            if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(&buf[..n], from);
+            }
+        }
+    })
+}
+
+/// Via-VIP probes go where a client's packets go: to the VIP, in the
+/// balancer's tunnel, to exactly one backend. Every server here listens on
+/// the VIP only, so a probe of a backend's own address is refused: east,
+/// probed through the VIP (HTTP on `web`, UDP on `web-udp`), is up; west,
+/// probed at the backends' own addresses, is down. East's probes then
+/// follow its servers, each backend's on its own.
+#[test]
+fn via_vip_probes_reach_the_vip_on_each_backend_through_the_tunnel() {
+    if !privileged() {
+        return;
+    }
+    let mut site = Site::build_with(
+        "via-vip",
+        Listen::VipOnly,
+        // West stays down all along: with one of four backends up, panic
+        // would send connections to every backend, the dead one included.
+        "panic_threshold = 0",
+        "probe = { interval = 0.15, timeout = 0.1, rise = 2, fall = 2, flap_backoff = 0, via = \"vip\" }",
+        EAST_PROBE,
+        "probe = { via = \"backend\" }",
+        "[vip.web-udp]\naddr = \"198.18.100.1\"\nport = 9001\nproto = \"udp\"\nring_size = 4099\n\
+         probe = { kind = \"udp\", via = \"vip\", payload = \"hello\", expect = \"hello\", \
+         interval = 0.15, timeout = 0.1, rise = 2, fall = 2, flap_backoff = 0 }\n\
+         [vip.web-udp.cluster.east]\n\
+         backend.e1 = { addr = \"198.18.0.11\" }\nbackend.e2 = { addr = \"198.18.0.12\" }\n",
+    );
+    let stop_echo = Arc::new(AtomicBool::new(false));
+    let echoes: Vec<JoinHandle<()>> = ["e1", "e2"]
+        .iter()
+        .map(|name| {
+            let socket = site
+                .backend(name)
+                .host
+                .run_in(|| UdpSocket::bind((VIP, 9001)))
+                .expect("entering a backend")
+                .expect("binding the VIP's UDP port");
+            udp_echo(socket, Arc::clone(&stop_echo))
+        })
+        .collect();
+    let settled = site.wait("east up through the VIP, west down at its addresses", |s| {
+        ["e1", "e2"].iter().all(|b| {
+            backend_view(s, b)
+                .probe
+                .as_ref()
+                .is_some_and(|p| p.probes >= 3 && p.state == "up")
+        }) && is(s, "w1", HealthState::Down)
+            && is(s, "w2", HealthState::Down)
+    });
+    for name in ["e1", "e2"] {
+        let probe = backend_view(&settled, name).probe.clone().unwrap();
+        assert_eq!(
+            (
+                probe.kind.as_str(),
+                probe.via.as_str(),
+                probe.target.as_str()
+            ),
+            ("http", "vip", "198.18.100.1:80"),
+            "{name}"
+        );
+        assert_eq!(probe.last_result.as_deref(), Some("ok"), "{name}");
+    }
+    for (name, addr) in [("w1", "198.18.0.21:80"), ("w2", "198.18.0.22:80")] {
+        let probe = backend_view(&settled, name).probe.clone().unwrap();
+        assert_eq!(
+            (
+                probe.kind.as_str(),
+                probe.via.as_str(),
+                probe.target.as_str()
+            ),
+            ("tcp", "backend", addr)
+        );
+        assert_eq!(probe.last_transition.as_deref(), Some("down (refused)"));
+    }
+    let udp = site.wait("the UDP probes through the VIP pass", |s| {
+        s.vips[1].backends.iter().all(|b| {
+            b.probe
+                .as_ref()
+                .is_some_and(|p| p.probes >= 3 && p.last_result.as_deref() == Some("ok"))
+        })
+    });
+    assert_eq!(udp.vips[1].name, "web-udp");
+    for b in &udp.vips[1].backends {
+        let probe = b.probe.as_ref().unwrap();
+        assert_eq!(
+            (
+                probe.kind.as_str(),
+                probe.via.as_str(),
+                probe.target.as_str(),
+                probe.state.as_str()
+            ),
+            ("udp", "vip", "198.18.100.1:9001", "up"),
+            "{}",
+            b.name
+        );
+    }
+    let encapsulated = settled.counters.get("probe_encap").copied().unwrap_or(0);
+    assert!(
+        encapsulated >= 6,
+        "every via-VIP probe packet went through the egress program: {:?}",
+        settled.counters
+    );
+    assert!(
+        !settled.counters.keys().any(|c| c.starts_with("probe_drop")),
+        "{:?}",
+        settled.counters
+    );
+    let clients = site.connect(30);
+    assert!(
+        clients.keys().all(|name| name.starts_with('e')),
+        "only the backends up take connections: {clients:?}"
+    );
+
+    // e1's server dies: only its probes fail, through the VIP.
+    site.backend("e1").kill();
+    let down = site.wait("e1 down through the VIP", |s| {
+        is(s, "e1", HealthState::Down)
+    });
+    let e1 = backend_view(&down, "e1").probe.clone().unwrap();
+    assert_eq!(e1.last_transition.as_deref(), Some("down (refused)"));
+    assert_eq!(backend_view(&down, "e2").health, HealthState::Up);
+    let only_e2 = site.connect(20);
+    assert_eq!(only_e2.keys().collect::<Vec<_>>(), ["e2"], "{only_e2:?}");
+
+    // And it comes back when its server does.
+    site.backend("e1").start();
+    let up = site.wait("e1 up again", |s| is(s, "e1", HealthState::Up));
+    assert_eq!(
+        backend_view(&up, "e1")
+            .probe
+            .as_ref()
+            .unwrap()
+            .last_transition
+            .as_deref(),
+        Some("up (passed)")
+    );
+
+    let daemon = site.daemon.take().expect("daemon");
+    // SAFETY: plain kill(2) of the child this test started.
+    unsafe { libc::kill(daemon.pid() as libc::pid_t, libc::SIGTERM) };
+    let _ = daemon.wait_with_output();
+    stop_echo.store(true, Ordering::SeqCst);
+    for echo in echoes {
+        echo.join().expect("a UDP echo thread");
+    }
     let prefix = site.topology.prefix().to_owned();
     drop(site);
     assert!(Topology::leftovers(&prefix).expect("listing").is_empty());

@@ -32,6 +32,7 @@
 //! path through the loader: an existing pin is opened and reused, a missing
 //! one is created and pinned.
 
+mod egress;
 pub mod maps;
 pub mod nexthop;
 
@@ -297,6 +298,9 @@ pub struct Dataplane {
     pin_dir: Option<PathBuf>,
     reused_maps: Vec<&'static str>,
     links: BTreeMap<(Role, String), Attachment>,
+    /// The probe egress program's attachments, by interface (see
+    /// [`egress`]): wherever the balancer is.
+    egress_links: BTreeMap<String, aya::programs::tc::SchedClassifierLinkId>,
     pub vips: VipTable,
     pub rings: RingTable,
     pub backends: BackendTable,
@@ -466,6 +470,7 @@ impl Dataplane {
                     source,
                 })?;
         }
+        egress::load(&mut ebpf)?;
         let mut dataplane = Self {
             vips: VipTable::new(&mut ebpf, limits)?,
             rings: RingTable::new(&mut ebpf, limits)?,
@@ -477,6 +482,7 @@ impl Dataplane {
             decap: DecapTable::new(&mut ebpf)?,
             counters: CounterReader::new(&mut ebpf)?,
             links: BTreeMap::new(),
+            egress_links: BTreeMap::new(),
             logger,
             pin_dir: pin_dir.map(Path::to_owned),
             reused_maps,
@@ -523,7 +529,24 @@ impl Dataplane {
     /// mode, which is returned (`mode` is then only compared, with a
     /// warning: changing the mode takes a detach). A pinned link whose
     /// interface has gone is removed and a new one made.
+    ///
+    /// The balancer brings the probe egress program along (see [`egress`]),
+    /// attached to the interface's tc egress for as long as this process
+    /// holds the data plane.
     pub fn attach(
+        &mut self,
+        role: Role,
+        interface: &str,
+        mode: AttachMode,
+    ) -> Result<AttachMode, DataplaneError> {
+        let got = self.attach_xdp(role, interface, mode)?;
+        if role == Role::Balancer {
+            self.attach_egress(interface)?;
+        }
+        Ok(got)
+    }
+
+    fn attach_xdp(
         &mut self,
         role: Role,
         interface: &str,
@@ -700,6 +723,9 @@ impl Dataplane {
     /// also takes off a program left attached by an earlier xlb process
     /// (whose link is pinned there), and removes the link's pin.
     pub fn detach(&mut self, role: Role, interface: &str) -> Result<(), DataplaneError> {
+        if role == Role::Balancer {
+            self.detach_egress(interface)?;
+        }
         let name = role.program_name();
         let not_attached = || DataplaneError::NotAttached {
             program: name,

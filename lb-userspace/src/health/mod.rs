@@ -10,6 +10,11 @@
 //!   bounding the probes in flight, jitter) and the [`HealthBoard`] that
 //!   status and metrics read.
 //!
+//! A probe connects to the backend's own address, or (`via = "vip"`) to
+//! the VIP from a socket marked for the backend, which the node's tc
+//! egress program (`lb-ebpf/src/probe.rs`) sends through the balancer's
+//! tunnel to exactly that backend: the path a client's packets take.
+//!
 //! Health is keyed by backend address, as the data plane's health channel
 //! is: a backend address in several VIPs is one host. Backends with equal
 //! probe settings share one probe; when VIPs probe the same address
@@ -26,7 +31,9 @@ use std::fmt;
 
 pub use machine::{Cause, Machine, ProbeState, Thresholds, Transition};
 pub use prober::{HealthBoard, HealthSnapshot, LatencyStats, Prober, TargetStatus};
-pub use settings::{ProbeConfig, ProbeKind, ProbeSettings, ProbeSpec, ProbeTarget};
+pub use settings::{
+    ProbeConfig, ProbeKind, ProbeSettings, ProbeSpec, ProbeTarget, ProbeVia, ViaVip,
+};
 
 /// Why a probe failed.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -1,6 +1,12 @@
 //! One probe: a TCP connect, an HTTP/1.1 GET or a UDP exchange against a
 //! target, all within the probe's timeout. A minimal HTTP client: the probe
 //! needs a status line and, at most, a substring of the body.
+//!
+//! A via-VIP probe's socket carries its target's mark (`SO_MARK`, set
+//! before it connects, so that the route and every packet have it): that
+//! is what the node's tc egress program encapsulates. Setting a mark takes
+//! CAP_NET_ADMIN; without it the probe fails with `error: permission
+//! denied`.
 
 use std::{io, net::SocketAddr};
 
@@ -18,9 +24,10 @@ const MAX_REPLY: usize = 64 * 1024;
 /// Runs `target`'s probe once.
 pub async fn probe(target: &ProbeTarget) -> Result<(), Reason> {
     let addr = target.socket();
+    let mark = target.mark();
     let work = async {
         match &target.spec.kind {
-            ProbeKind::Tcp => connect(addr).await.map(drop),
+            ProbeKind::Tcp => connect(addr, mark).await.map(drop),
             ProbeKind::Http {
                 path,
                 host,
@@ -28,9 +35,9 @@ pub async fn probe(target: &ProbeTarget) -> Result<(), Reason> {
                 body,
             } => {
                 let host = host.clone().unwrap_or_else(|| host_header(addr));
-                http(addr, path, &host, statuses, body.as_deref()).await
+                http(addr, mark, path, &host, statuses, body.as_deref()).await
             }
-            ProbeKind::Udp { payload, expect } => udp(addr, payload, expect.as_deref()).await,
+            ProbeKind::Udp { payload, expect } => udp(addr, mark, payload, expect.as_deref()).await,
         }
     };
     match timeout(target.spec.timeout, work).await {
@@ -57,26 +64,38 @@ fn reason(err: &io::Error) -> Reason {
     }
 }
 
+/// Marks a probe socket for the tc egress program.
+fn set_mark(socket: &impl std::os::fd::AsFd, mark: Option<u32>) -> Result<(), Reason> {
+    match mark {
+        Some(mark) => socket2::SockRef::from(socket)
+            .set_mark(mark)
+            .map_err(|e| reason(&e)),
+        None => Ok(()),
+    }
+}
+
 /// A connection that closes with a reset: a probe every second to 10 000
 /// backends would otherwise leave 10 000 sockets a second in TIME_WAIT.
-async fn connect(addr: SocketAddr) -> Result<TcpStream, Reason> {
+async fn connect(addr: SocketAddr, mark: Option<u32>) -> Result<TcpStream, Reason> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
     }
     .map_err(|e| reason(&e))?;
     socket.set_zero_linger().map_err(|e| reason(&e))?;
+    set_mark(&socket, mark)?;
     socket.connect(addr).await.map_err(|e| reason(&e))
 }
 
 async fn http(
     addr: SocketAddr,
+    mark: Option<u32>,
     path: &str,
     host: &str,
     statuses: &[u16],
     body: Option<&str>,
 ) -> Result<(), Reason> {
-    let mut stream = connect(addr).await?;
+    let mut stream = connect(addr, mark).await?;
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: xlb-health\r\n\
          Accept: */*\r\nConnection: close\r\n\r\n"
@@ -161,12 +180,18 @@ fn content_length(head: &[u8]) -> Option<usize> {
     })
 }
 
-async fn udp(addr: SocketAddr, payload: &[u8], expect: Option<&[u8]>) -> Result<(), Reason> {
+async fn udp(
+    addr: SocketAddr,
+    mark: Option<u32>,
+    payload: &[u8],
+    expect: Option<&[u8]>,
+) -> Result<(), Reason> {
     let local: SocketAddr = match addr {
         SocketAddr::V4(_) => ([0, 0, 0, 0], 0).into(),
         SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
     };
     let socket = UdpSocket::bind(local).await.map_err(|e| reason(&e))?;
+    set_mark(&socket, mark)?;
     // Connected: an ICMP port unreachable comes back as "refused".
     socket.connect(addr).await.map_err(|e| reason(&e))?;
     socket.send(payload).await.map_err(|e| reason(&e))?;

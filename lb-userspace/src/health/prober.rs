@@ -37,6 +37,13 @@ pub const DEFAULT_IN_FLIGHT: usize = 512;
 pub struct TargetStatus {
     pub kind: String,
     pub port: u16,
+    /// Where the probe goes: "backend" (its own address) or "vip" (the
+    /// VIP, through the balancer's tunnel).
+    #[serde(default)]
+    pub via: String,
+    /// The address and port it connects to.
+    #[serde(default)]
+    pub target: String,
     /// "up" or "down".
     pub state: String,
     /// "ok" or the last failure's reason.
@@ -117,6 +124,8 @@ impl HealthBoard {
         Some(TargetStatus {
             kind: target.spec.kind.name().into(),
             port: target.spec.port,
+            via: target.spec.via.name().into(),
+            target: target.socket().to_string(),
             state: entry.machine_state.to_string(),
             last_result: entry.last_result.as_ref().map(|r| match r {
                 Ok(()) => "ok".into(),
@@ -237,7 +246,7 @@ impl HealthBoard {
         let Some(transition) = transition else {
             return;
         };
-        let target = entry.target.socket();
+        let target = entry.target.label();
         let kind = entry.target.spec.kind.name();
         let addr = entry.target.addr;
         let decided = transition.at;
@@ -443,7 +452,7 @@ mod tests {
     use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 
     use super::*;
-    use crate::health::{ProbeKind, ProbeSpec};
+    use crate::health::{ProbeKind, ProbeSpec, ProbeVia};
 
     const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -479,6 +488,7 @@ mod tests {
             addr: addr.ip(),
             spec: ProbeSpec {
                 kind: ProbeKind::Tcp,
+                via: ProbeVia::Backend,
                 port: addr.port(),
                 interval: Duration::from_millis(20),
                 timeout: Duration::from_millis(20),
@@ -488,6 +498,7 @@ mod tests {
                 // Far longer than the test: it must still hold at the end.
                 flap_backoff: Duration::from_secs(600),
             },
+            via_vip: None,
         };
         let prober = Prober::new(4);
         let board = prober.board();

@@ -10,7 +10,9 @@
 
 use std::{collections::BTreeMap, net::IpAddr, net::SocketAddr, time::Duration};
 
-use crate::state::{DesiredState, Proto};
+use lb_common::probe_mark;
+
+use crate::state::{Backend, DesiredState, Proto, Vip};
 
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -53,10 +55,32 @@ impl ProbeKind {
     }
 }
 
+/// Where a probe connects.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ProbeVia {
+    /// The backend's own address: is the host's service up?
+    #[default]
+    Backend,
+    /// The VIP, carried to the backend in the balancer's tunnel (the node's
+    /// tc egress program encapsulates the marked probe socket's packets):
+    /// does the backend serve the VIP as a client reaches it?
+    Vip,
+}
+
+impl ProbeVia {
+    pub fn name(self) -> &'static str {
+        match self {
+            ProbeVia::Backend => "backend",
+            ProbeVia::Vip => "vip",
+        }
+    }
+}
+
 /// One backend's resolved probe.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ProbeSpec {
     pub kind: ProbeKind,
+    pub via: ProbeVia,
     pub port: u16,
     pub interval: Duration,
     pub timeout: Duration,
@@ -67,17 +91,67 @@ pub struct ProbeSpec {
     pub flap_backoff: Duration,
 }
 
-/// What is probed: an address with a spec. Backends with equal targets
-/// share one probe.
+/// What is probed: a backend address with a spec, and for a via-VIP probe
+/// the VIP and backend id it goes through. Backends with equal targets
+/// share one probe (via the VIP, a target is one VIP's backend).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ProbeTarget {
+    /// The backend's own address: whose health the probe decides.
     pub addr: IpAddr,
     pub spec: ProbeSpec,
+    /// Set exactly when `spec.via` is [`ProbeVia::Vip`].
+    pub via_vip: Option<ViaVip>,
+}
+
+/// A via-VIP probe's way: connect to `vip`, marked for `backend_id` (the
+/// id the data plane's `BACKENDS` holds the backend under for that VIP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ViaVip {
+    pub vip: IpAddr,
+    pub backend_id: u32,
 }
 
 impl ProbeTarget {
+    /// The target of `backend` of `vip` with `spec`; `backend_id` looks up
+    /// the backend's id, which a via-VIP probe needs (`None` until the
+    /// backend is programmed: no target yet).
+    pub fn new(
+        vip: &Vip,
+        backend: &Backend,
+        spec: ProbeSpec,
+        backend_id: impl FnOnce() -> Option<u32>,
+    ) -> Option<Self> {
+        let via_vip = match spec.via {
+            ProbeVia::Backend => None,
+            ProbeVia::Vip => Some(ViaVip {
+                vip: vip.addr,
+                backend_id: backend_id()?,
+            }),
+        };
+        Some(Self {
+            addr: backend.addr,
+            spec,
+            via_vip,
+        })
+    }
+
+    /// Where the probe connects.
     pub fn socket(&self) -> SocketAddr {
-        SocketAddr::new(self.addr, self.spec.port)
+        let ip = self.via_vip.map_or(self.addr, |via| via.vip);
+        SocketAddr::new(ip, self.spec.port)
+    }
+
+    /// For logs: `198.18.1.2:80`, or `198.18.1.2 via VIP 198.18.100.1:80`.
+    pub fn label(&self) -> String {
+        match self.via_vip {
+            None => self.socket().to_string(),
+            Some(_) => format!("{} via VIP {}", self.addr, self.socket()),
+        }
+    }
+
+    /// The probe socket's mark (`SO_MARK`): set for via-VIP probes only.
+    pub fn mark(&self) -> Option<u32> {
+        self.via_vip.map(|via| probe_mark(via.backend_id))
     }
 }
 
@@ -85,6 +159,7 @@ impl ProbeTarget {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ProbeSettings {
     pub kind: Option<KindName>,
+    pub via: Option<ProbeVia>,
     pub port: Option<u16>,
     pub interval: Option<Duration>,
     pub timeout: Option<Duration>,
@@ -118,6 +193,7 @@ impl ProbeSettings {
         if over.kind.is_some() && over.kind != self.kind {
             let general = ProbeSettings {
                 kind: self.kind,
+                via: self.via,
                 port: self.port,
                 interval: self.interval,
                 timeout: self.timeout,
@@ -133,6 +209,7 @@ impl ProbeSettings {
         }
         ProbeSettings {
             kind: pick(&self.kind, &over.kind),
+            via: pick(&self.via, &over.via),
             port: pick(&self.port, &over.port),
             interval: pick(&self.interval, &over.interval),
             timeout: pick(&self.timeout, &over.timeout),
@@ -230,6 +307,7 @@ impl ProbeSettings {
         };
         Ok(ProbeSpec {
             kind,
+            via: self.via.unwrap_or_default(),
             port,
             interval,
             timeout,
@@ -295,10 +373,13 @@ impl ProbeConfig {
     }
 
     /// Every backend's target: `(vip, cluster, backend) -> target`, and the
-    /// backends whose settings do not resolve.
+    /// backends whose settings do not resolve. `backend_id` gives a
+    /// backend's data-plane id by VIP name and backend address; a via-VIP
+    /// probe of a backend without one is left out until it has one.
     pub fn targets(
         &self,
         state: &DesiredState,
+        backend_id: impl Fn(&str, IpAddr) -> Option<u32>,
     ) -> (BTreeMap<BackendPath, ProbeTarget>, Vec<ProbeProblem>) {
         let mut targets = BTreeMap::new();
         let mut problems = Vec::new();
@@ -309,13 +390,13 @@ impl ProbeConfig {
                 };
                 match settings.resolve(vip.port, vip.proto) {
                     Ok(spec) => {
-                        targets.insert(
-                            (vname.clone(), cluster.name.clone(), backend.name.clone()),
-                            ProbeTarget {
-                                addr: backend.addr,
-                                spec,
-                            },
-                        );
+                        let id = || backend_id(vname, backend.addr);
+                        if let Some(target) = ProbeTarget::new(vip, backend, spec, id) {
+                            targets.insert(
+                                (vname.clone(), cluster.name.clone(), backend.name.clone()),
+                                target,
+                            );
+                        }
                     }
                     Err((field, message)) => {
                         let (cluster, backend) = self.deepest(vname, &cluster.name, &backend.name);
@@ -413,13 +494,17 @@ mod tests {
         }
     }
 
+    fn no_ids(_: &str, _: IpAddr) -> Option<u32> {
+        None
+    }
+
     fn key(c: &str, b: &str) -> (String, String, String) {
         ("web".into(), c.into(), b.into())
     }
 
     #[test]
     fn no_probe_table_probes_nothing() {
-        let (targets, problems) = ProbeConfig::default().targets(&state(80));
+        let (targets, problems) = ProbeConfig::default().targets(&state(80), no_ids);
         assert!(targets.is_empty() && problems.is_empty());
     }
 
@@ -442,7 +527,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        let (targets, problems) = config.targets(&state(80));
+        let (targets, problems) = config.targets(&state(80), no_ids);
         assert!(problems.is_empty(), "{problems:?}");
         let e1 = &targets[&key("east", "e1")].spec;
         assert_eq!(
@@ -474,7 +559,7 @@ mod tests {
             kind: Some(KindName::Tcp),
             ..Default::default()
         });
-        let (targets, problems) = config.targets(&state(80));
+        let (targets, problems) = config.targets(&state(80), no_ids);
         assert!(problems.is_empty(), "{problems:?}");
         let w1 = &targets[&key("west", "w1")].spec;
         assert_eq!((w1.kind.name(), w1.rise), ("tcp", 5));
@@ -482,11 +567,53 @@ mod tests {
     }
 
     #[test]
+    fn a_via_vip_probe_connects_to_the_vip_marked_for_its_backend_id() {
+        let mut config = ProbeConfig::default();
+        let vip = config.vips.entry("web".into()).or_default();
+        vip.probe = Some(ProbeSettings {
+            via: Some(ProbeVia::Vip),
+            ..Default::default()
+        });
+        vip.clusters
+            .entry("west".into())
+            .or_default()
+            .backends
+            .insert(
+                "w2".into(),
+                ProbeSettings {
+                    via: Some(ProbeVia::Backend),
+                    port: Some(8080),
+                    ..Default::default()
+                },
+            );
+        let ids = |vip: &str, addr: IpAddr| {
+            assert_eq!(vip, "web");
+            (addr != "198.18.1.2".parse::<IpAddr>().unwrap())
+                .then(|| u32::from(addr.to_string().ends_with(".1")) + 20)
+        };
+        let (targets, problems) = config.targets(&state(80), ids);
+        assert!(problems.is_empty(), "{problems:?}");
+        let e1 = &targets[&key("east", "e1")];
+        assert_eq!(e1.addr, "198.18.1.1".parse::<IpAddr>().unwrap());
+        assert_eq!(e1.socket(), "198.18.100.1:80".parse().unwrap());
+        assert_eq!(e1.mark(), Some(probe_mark(21)));
+        assert_eq!(e1.label(), "198.18.1.1 via VIP 198.18.100.1:80");
+        assert!(
+            !targets.contains_key(&key("east", "e2")),
+            "no backend id yet: not probed through the VIP yet"
+        );
+        let w2 = &targets[&key("west", "w2")];
+        assert_eq!(w2.socket(), "198.18.2.2:8080".parse().unwrap());
+        assert_eq!((w2.mark(), w2.via_vip), (None, None));
+        assert_eq!(targets[&key("west", "w1")].mark(), Some(probe_mark(21)));
+    }
+
+    #[test]
     fn a_cluster_table_alone_probes_only_that_cluster() {
         let mut config = ProbeConfig::default();
         let vip = config.vips.entry("web".into()).or_default();
         vip.clusters.entry("east".into()).or_default().probe = Some(ProbeSettings::default());
-        let (targets, _) = config.targets(&state(80));
+        let (targets, _) = config.targets(&state(80), no_ids);
         let probed: Vec<_> = targets.keys().map(|(_, _, b)| b.as_str()).collect();
         assert_eq!(probed, ["e1", "e2"]);
     }
@@ -498,16 +625,16 @@ mod tests {
             path: Some("/".into()),
             ..Default::default()
         });
-        let (_, problems) = config.targets(&state(80));
+        let (_, problems) = config.targets(&state(80), no_ids);
         assert_eq!(problems[0].field, "path");
         config.vips.get_mut("web").unwrap().probe = Some(ProbeSettings::default());
-        let (_, problems) = config.targets(&state(0));
+        let (_, problems) = config.targets(&state(0), no_ids);
         assert_eq!(problems[0].field, "port");
         config.vips.get_mut("web").unwrap().probe = Some(ProbeSettings {
             timeout: Some(Duration::from_secs(3)),
             ..Default::default()
         });
-        let (_, problems) = config.targets(&state(80));
+        let (_, problems) = config.targets(&state(80), no_ids);
         assert_eq!(problems[0].field, "timeout");
     }
 }
