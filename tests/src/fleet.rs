@@ -366,20 +366,31 @@ impl Fleet {
         }
     }
 
-    /// The store revision node `i` has programmed.
-    pub fn applied(&self, i: usize) -> i64 {
-        self.status(i).store.map_or(0, |s| s.applied_revision)
+    /// The store revision node `i` has programmed, and whether its watch
+    /// is up.
+    pub fn applied(&self, i: usize) -> (i64, bool) {
+        self.status(i)
+            .store
+            .map_or((0, false), |s| (s.applied_revision, s.connected))
     }
 
-    /// Waits until every node has programmed `revision` (or a later one).
+    /// Waits until every node watches the store again and has programmed
+    /// `revision` (or a later one). Both: after an outage in which nothing
+    /// was written, a node still waiting out its reconnection back-off has
+    /// applied `revision` already, yet it is not watching: it sees the next
+    /// change only once it reconnects, up to the back-off's 5 s later.
     pub fn converge(&self, revision: i64) {
         let deadline = Instant::now() + PATIENCE;
         for i in 0..self.nodes.len() {
-            while self.applied(i) < revision {
+            loop {
+                let (applied, connected) = self.applied(i);
+                if connected && applied >= revision {
+                    break;
+                }
                 assert!(
                     Instant::now() < deadline,
-                    "node {i} is still at revision {} of {revision}:\n{}",
-                    self.applied(i),
+                    "node {i} is still at revision {applied} of {revision} (watch {}):\n{}",
+                    if connected { "up" } else { "down" },
                     self.logs()
                 );
                 thread::sleep(Duration::from_millis(1));
