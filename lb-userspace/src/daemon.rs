@@ -289,6 +289,9 @@ pub async fn serve(
     // the links of the one running.
     let listener = Listener::bind(&node.api_socket)?;
     let telemetry = Telemetry::new();
+    if let Some(fleet) = store.fleet() {
+        telemetry.watch_store(fleet.metrics());
+    }
     let metrics_server = match metrics.listen {
         Some(addr) => Some(MetricsServer::bind(addr, telemetry.clone()).await?),
         None => None,
@@ -324,6 +327,10 @@ pub async fn serve(
     let (targets_tx, targets_rx) = watch::channel(BTreeMap::new());
     let (health_tx, health_rx) = watch::channel(BTreeMap::new());
     let prober = Prober::new(DEFAULT_IN_FLIGHT).with_metrics(telemetry.probes().clone());
+    if let Some(fleet) = store.fleet() {
+        let publisher = fleet.health_publisher(probes.clone(), prober.board(), health_rx.clone());
+        tokio::spawn(publisher.run());
+    }
     let (probe_targets, probe_targets_rx) = watch::channel(BTreeSet::new());
     let mut control = Control {
         info: Info {
