@@ -326,11 +326,10 @@ pub async fn serve(
         .map_or_else(|| watch::channel(Snapshot::default()).1, EtcdStore::updates);
     let (targets_tx, targets_rx) = watch::channel(BTreeMap::new());
     let (health_tx, health_rx) = watch::channel(BTreeMap::new());
+    let publisher = store
+        .fleet()
+        .map(|fleet| fleet.health_publisher(health_rx.clone()));
     let prober = Prober::new(DEFAULT_IN_FLIGHT).with_metrics(telemetry.probes().clone());
-    if let Some(fleet) = store.fleet() {
-        let publisher = fleet.health_publisher(probes.clone(), prober.board(), health_rx.clone());
-        tokio::spawn(publisher.run());
-    }
     let (probe_targets, probe_targets_rx) = watch::channel(BTreeSet::new());
     let mut control = Control {
         info: Info {
@@ -399,6 +398,9 @@ pub async fn serve(
 
     info!("control API on {}", listener.path().display());
     let (calls_tx, calls_rx) = mpsc::channel(CALL_QUEUE);
+    if let Some(publisher) = publisher {
+        tokio::spawn(publisher.run(calls_tx.clone()));
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics_task = metrics_server.map(|server| {
         if let Ok(addr) = server.local_addr() {

@@ -55,7 +55,6 @@ use crate::{
     config::{self, NodeConfig},
     daemon::{StateStore, apply_change},
     fleet_health::Publisher,
-    health::{HealthBoard, ProbeConfig},
     state::{AdminState, Backend, Cluster, DesiredState, Health, Vip},
 };
 
@@ -597,21 +596,16 @@ impl EtcdStore {
         })
     }
 
-    /// The task that publishes this node's view of health (spawn it).
-    pub fn health_publisher(
-        &self,
-        probes: ProbeConfig,
-        board: Arc<HealthBoard>,
-        health: watch::Receiver<BTreeMap<IpAddr, Health>>,
-    ) -> Publisher {
+    /// The task that publishes this node's view of health (run it): it
+    /// reads the view again whenever the prober's `health` or the store
+    /// changes.
+    pub fn health_publisher(&self, health: watch::Receiver<BTreeMap<IpAddr, Health>>) -> Publisher {
         Publisher {
             url: self.url.clone(),
             layout: self.layout.clone(),
             client: self.client.clone(),
             node: self.node_name.clone(),
             lease_secs: self.node.health_lease,
-            probes,
-            board,
             health,
             states: self.updates(),
         }

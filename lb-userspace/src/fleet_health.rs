@@ -23,22 +23,25 @@ use std::{
     net::IpAddr,
     path::Path,
     process::ExitCode,
-    sync::Arc,
     time::Duration,
 };
 
 use etcd_client::{Client, GetOptions, PutOptions, Txn, TxnOp};
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
-use tokio::{sync::watch, time::Instant};
-
-use crate::{
-    api::{self, Request, Response},
-    etcd::{EtcdUrl, Layout, Snapshot},
-    health::{HealthBoard, ProbeConfig, ProbeTarget},
-    state::{DesiredState, Health},
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    time::Instant,
 };
 
+use crate::{
+    api::{self, BackendView, Call, HealthState, Request, Response, Status},
+    etcd::{EtcdUrl, Layout, Snapshot},
+    state::Health,
+};
+
+/// After a wake-up, the status is read again this much later.
+const FOLLOW_UP: Duration = Duration::from_millis(200);
 /// How long one request to etcd may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -63,42 +66,40 @@ pub struct HealthValue {
 /// A backend's place in the desired state: VIP, cluster, backend.
 pub type BackendPath = (String, String, String);
 
-/// What this node sees of every backend of `state`.
-pub fn view(
-    state: &DesiredState,
-    probes: &ProbeConfig,
-    health: &BTreeMap<IpAddr, Health>,
-    board: &HealthBoard,
+/// What this node sees of every backend it serves (the backends of its
+/// status): the health its rings use and its probe's last transition.
+pub fn view<'a>(
+    backends: impl IntoIterator<Item = &'a BackendView>,
 ) -> BTreeMap<BackendPath, HealthValue> {
-    let (targets, _) = probes.targets(state);
     let mut out = BTreeMap::new();
-    for (vname, vip) in &state.vips {
-        for (cluster, backend) in vip.backends() {
-            let path = (vname.clone(), cluster.name.clone(), backend.name.clone());
-            let down = health.get(&backend.addr) == Some(&Health::Down);
-            let target: Option<&ProbeTarget> = targets.get(&path);
-            let status = target.and_then(|t| board.status(t));
-            let reason = match (&target, &status) {
-                (None, _) => "not probed".to_owned(),
-                (Some(_), Some(s)) => s
-                    .last_transition
-                    .as_deref()
-                    .and_then(|t| t.split_once(" (")?.1.strip_suffix(')'))
-                    .unwrap_or("no transition yet")
-                    .to_owned(),
-                (Some(_), None) => "no transition yet".to_owned(),
-            };
-            out.insert(
-                path,
-                HealthValue {
-                    addr: backend.addr,
-                    health: if down { "down" } else { "up" }.to_owned(),
-                    probe: target.map(|t| format!("{}:{}", t.spec.kind.name(), t.spec.port)),
-                    reason,
-                    since: status.and_then(|s| s.last_transition_unix),
-                },
-            );
-        }
+    for backend in backends {
+        let probe = backend.probe.as_ref();
+        let reason = match probe {
+            None => "not probed",
+            Some(p) => p
+                .last_transition
+                .as_deref()
+                .and_then(|t| t.split_once(" (")?.1.strip_suffix(')'))
+                .unwrap_or("no transition yet"),
+        };
+        out.insert(
+            (
+                backend.vip.clone(),
+                backend.cluster.clone(),
+                backend.name.clone(),
+            ),
+            HealthValue {
+                addr: backend.addr,
+                health: match backend.health {
+                    HealthState::Up => "up",
+                    HealthState::Down => "down",
+                }
+                .to_owned(),
+                probe: probe.map(|p| format!("{}:{}", p.kind, p.port)),
+                reason: reason.to_owned(),
+                since: probe.and_then(|p| p.last_transition_unix),
+            },
+        );
     }
     out
 }
@@ -129,8 +130,7 @@ pub struct Publisher {
     pub client: Client,
     pub node: String,
     pub lease_secs: u32,
-    pub probes: ProbeConfig,
-    pub board: Arc<HealthBoard>,
+    /// Wake-ups: the prober's health and the store's revisions.
     pub health: watch::Receiver<BTreeMap<IpAddr, Health>>,
     pub states: watch::Receiver<Snapshot>,
 }
@@ -147,19 +147,23 @@ struct Published {
 impl Publisher {
     /// Writes the view whenever health or the desired state changes, keeps
     /// the lease alive, and starts over on a new lease when the old one is
-    /// gone. Ends when the daemon drops its channels.
-    pub async fn run(mut self) {
+    /// gone. It reads the view from the reconcile loop's status, through
+    /// `calls` as the control API does. Ends when the daemon drops its
+    /// channels.
+    pub async fn run(mut self, calls: mpsc::Sender<Call>) {
         let renew_every = Duration::from_secs(self.lease_secs.into()) / 3;
         let mut published = Published::default();
         let mut backoff = BACKOFF_MIN;
         loop {
-            let wait = match self.round(&mut published, renew_every).await {
+            let wait = match self.round(&mut published, renew_every, &calls).await {
                 Ok(()) => {
                     backoff = BACKOFF_MIN;
                     published
                         .renew_at
                         .unwrap_or_else(|| Instant::now() + renew_every)
                 }
+                // The daemon stops.
+                Err(_) if calls.is_closed() => return,
                 Err(err) => {
                     warn!(
                         "etcd at {}: publishing node {:?}'s health view: {err}; trying again in {backoff:?}",
@@ -170,10 +174,23 @@ impl Publisher {
                     at
                 }
             };
-            tokio::select! {
-                changed = self.health.changed() => if changed.is_err() { return },
-                changed = self.states.changed() => if changed.is_err() { return },
-                () = tokio::time::sleep_until(wait) => {}
+            let woken = tokio::select! {
+                changed = self.health.changed() => changed.is_ok(),
+                changed = self.states.changed() => changed.is_ok(),
+                () = tokio::time::sleep_until(wait) => continue,
+            };
+            if !woken {
+                return;
+            }
+            // The loop answers calls before it takes in a change, so the
+            // status read now may predate it: read once more a moment later.
+            let follow_up = tokio::time::sleep(FOLLOW_UP);
+            if self
+                .round(&mut published, renew_every, &calls)
+                .await
+                .is_ok()
+            {
+                follow_up.await;
             }
         }
     }
@@ -184,6 +201,7 @@ impl Publisher {
         &mut self,
         published: &mut Published,
         renew_every: Duration,
+        calls: &mpsc::Sender<Call>,
     ) -> Result<(), String> {
         let lease = match published.lease {
             Some(lease) => lease,
@@ -224,13 +242,11 @@ impl Publisher {
             published.renew_at = Some(Instant::now() + renew_every);
         }
 
-        let state = self.states.borrow_and_update().state.clone();
-        let health = self.health.borrow_and_update().clone();
-        let now = encode(
-            &self.layout,
-            &self.node,
-            &view(&state, &self.probes, &health, &self.board),
-        );
+        self.states.borrow_and_update();
+        self.health.borrow_and_update();
+        let status = status(calls).await?;
+        let backends = status.vips.iter().flat_map(|v| &v.backends);
+        let now = encode(&self.layout, &self.node, &view(backends));
         let mut ops: Vec<TxnOp> = now
             .iter()
             .filter(|(key, value)| published.keys.get(*key) != Some(*value))
@@ -260,6 +276,20 @@ impl Publisher {
         }
         published.keys = now;
         Ok(())
+    }
+}
+
+async fn status(calls: &mpsc::Sender<Call>) -> Result<Status, String> {
+    let (reply, answer) = oneshot::channel();
+    let call = Call {
+        request: Request::Status,
+        reply,
+    };
+    let stopping = "the daemon is stopping";
+    calls.send(call).await.map_err(|_| stopping.to_owned())?;
+    match answer.await.map_err(|_| stopping.to_owned())? {
+        Response::Status { status } => Ok(*status),
+        other => Err(format!("the daemon answered {other:?} to a status request")),
     }
 }
 
@@ -485,7 +515,10 @@ pub fn command(command: FleetCommand, socket: &Path, json: bool) -> anyhow::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Backend, Cluster, Proto, Vip};
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
 
     fn up(addr: &str) -> HealthValue {
         HealthValue {
@@ -498,29 +531,34 @@ mod tests {
     }
 
     #[test]
-    fn every_backend_is_in_the_view_probed_or_not() {
-        let mut vip = Vip::new("web", "198.18.100.1".parse().unwrap(), 80, Proto::Tcp);
-        let mut east = Cluster::new("east", 1, 0);
-        for (name, addr) in [("e1", "198.18.0.21"), ("e2", "198.18.0.22")] {
-            east.backends
-                .insert(name.into(), Backend::new(name, addr.parse().unwrap(), 1));
-        }
-        vip.clusters.insert("east".into(), east);
-        let mut state = DesiredState::default();
-        state.vips.insert("web".into(), vip);
-        let health = BTreeMap::from([("198.18.0.22".parse().unwrap(), Health::Down)]);
-        let got = view(
-            &state,
-            &ProbeConfig::default(),
-            &health,
-            &HealthBoard::default(),
-        );
+    fn the_view_is_the_health_the_rings_use() {
+        let backend = |name: &str, addr: &str, health| BackendView {
+            vip: "web".into(),
+            cluster: "east".into(),
+            name: name.into(),
+            addr: addr.parse().unwrap(),
+            weight: 1,
+            admin: crate::api::Admin::Enabled,
+            health,
+            share: 0.5,
+            slots: 0,
+            id: None,
+            packets: 0,
+            bytes: 0,
+            probe: None,
+        };
+        let backends = [
+            backend("e1", "198.18.0.21", HealthState::Up),
+            backend("e2", "198.18.0.22", HealthState::Down),
+        ];
+        let got = view(&backends);
         let path = |b: &str| ("web".to_owned(), "east".to_owned(), b.to_owned());
         assert_eq!(got.len(), 2);
         assert_eq!(got[&path("e1")].health, "up");
         assert_eq!(got[&path("e1")].reason, "not probed");
         assert_eq!(got[&path("e1")].probe, None);
         assert_eq!(got[&path("e2")].health, "down");
+        assert_eq!(got[&path("e2")].addr, ip("198.18.0.22"));
     }
 
     #[test]
