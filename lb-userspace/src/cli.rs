@@ -93,6 +93,9 @@ enum Command {
     /// Generate packets in the kernel (XDP live frames): TCP SYN, TCP ACK
     /// or UDP over IPv4 or IPv6, many flows, at a rate or flat out
     Pktgen(crate::pktgen::PktgenArgs),
+    /// A fleet on etcd: what its nodes publish (`fleet health`)
+    #[command(subcommand)]
+    Fleet(crate::fleet_health::FleetCommand),
 }
 
 const RUN_ABOUT: &str = "\
@@ -393,6 +396,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => return demo_command(args),
         Command::Doctor(args) => return doctor_command(args),
         Command::Pktgen(args) => return crate::pktgen::command(args),
+        Command::Fleet(command) => {
+            return crate::fleet_health::command(command, &cli.socket, cli.json);
+        }
         Command::Run(args) => {
             daemon::run(&args.config, args.xdp_log, args.store.as_deref())?;
             return Ok(ExitCode::SUCCESS);

@@ -38,6 +38,8 @@
 //! | `state_file` | absolute path | `/var/lib/xlb/state.toml` | where runtime changes are saved (see below) |
 //! | `pin_path` | absolute path | `/sys/fs/bpf/xlb` | bpffs directory of the pinned maps and XDP links |
 //! | `local_cluster` | cluster name | none | the cluster this node prefers while it is healthy enough; must name a cluster of some VIP when any cluster is configured |
+//! | `name` | name | the host name | this node's name in a fleet on etcd: its health view is published under `PREFIX/v1/health/<name>/`; unique per node. A host name that is no valid name stops `xlb run --store` with an error asking for `name` |
+//! | `health_lease` | seconds, 2 to 3600 | 10 | on etcd: how long the node's published health view outlives the node (the etcd lease's TTL, kept alive every third of it) |
 //!
 //! `[node.limits]`: map sizes, fixed when the program is loaded. Each is an
 //! integer from 1 to 2³²−1.
@@ -187,6 +189,12 @@ pub const DEFAULT_HASH_SEED: u32 = 0x786c_6221;
 pub const DEFAULT_API_SOCKET: &str = "/run/xlb/xlb.sock";
 pub const DEFAULT_STATE_FILE: &str = "/var/lib/xlb/state.toml";
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/xlb";
+/// `node.health_lease`: default and range, in seconds (etcd grants at
+/// least about 2 s with its default timing).
+pub const DEFAULT_HEALTH_LEASE: u32 = 10;
+const MIN_HEALTH_LEASE: u32 = 2;
+const MAX_HEALTH_LEASE: u32 = 3600;
+
 /// Longest VIP, cluster or backend name.
 pub const MAX_NAME_LEN: usize = 63;
 /// Longest interface name (IFNAMSIZ less the terminating NUL).
@@ -239,6 +247,10 @@ pub struct NodeConfig {
     pub policy: PolicyOptions,
     /// The XDP program's log level, fixed at load.
     pub xdp_log: XdpLog,
+    /// `node.name`; None: the host name, checked when a fleet needs it.
+    pub name: Option<String>,
+    /// `node.health_lease`: seconds a published health view outlives the node.
+    pub health_lease: u32,
 }
 
 impl Default for NodeConfig {
@@ -256,6 +268,8 @@ impl Default for NodeConfig {
             limits: Limits::default(),
             policy: PolicyOptions::default(),
             xdp_log: XdpLog::Off,
+            name: None,
+            health_lease: DEFAULT_HEALTH_LEASE,
         }
     }
 }
@@ -501,6 +515,8 @@ struct RawNode {
     limits: Option<Spanned<RawLimits>>,
     policy: Option<Spanned<RawPolicy>>,
     xdp_log: Option<Spanned<XdpLog>>,
+    name: Option<Spanned<String>>,
+    health_lease: Option<Spanned<i64>>,
 }
 
 #[derive(Clone, Copy, Deserialize)]
@@ -754,6 +770,8 @@ fn hint(shape: &str) -> Option<&'static str> {
         "node.state_file" => "an absolute path such as \"/var/lib/xlb/state.toml\"",
         "node.pin_path" => "an absolute path in bpffs such as \"/sys/fs/bpf/xlb\"",
         "node.local_cluster" => "the name of a cluster such as \"east\"",
+        "node.name" => "this node's name in a fleet such as \"lb1\" (default: the host name)",
+        "node.health_lease" => "an integer from 2 to 3600 (seconds; default 10)",
         "node.limits" => {
             "a table [node.limits] with max_vips, max_backends, ring_capacity, conntrack_size"
         }
@@ -1161,6 +1179,25 @@ impl Converter {
         if let Some(level) = &raw.xdp_log {
             self.note("node.xdp_log", level);
             node.xdp_log = *level.get_ref();
+        }
+
+        if let Some(name) = &raw.name {
+            self.note("node.name", name);
+            match check_name(name.get_ref()) {
+                Ok(()) => node.name = Some(name.get_ref().clone()),
+                Err(why) => self.problem(name.span(), "node.name", why),
+            }
+        }
+        if let Some(lease) = &raw.health_lease
+            && let Some(secs) = self.int(
+                lease,
+                "node.health_lease",
+                MIN_HEALTH_LEASE.into(),
+                MAX_HEALTH_LEASE.into(),
+                "a lease in seconds",
+            )
+        {
+            node.health_lease = secs as u32;
         }
 
         if let Some(limits) = &raw.limits {
@@ -1609,7 +1646,8 @@ fn usable(ip: IpAddr) -> bool {
         }
 }
 
-fn check_name(name: &str) -> Result<(), String> {
+/// Whether `name` may name a VIP, a cluster, a backend or a node.
+pub fn check_name(name: &str) -> Result<(), String> {
     let valid = (1..=MAX_NAME_LEN).contains(&name.len())
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
         && name
@@ -1919,6 +1957,34 @@ mod tests {
             err.to_string().contains("debug"),
             "names the valid levels: {err}"
         );
+    }
+
+    #[test]
+    fn a_node_name_and_health_lease_are_read_and_checked() {
+        let config = parse("[node]\ninterfaces = []\n", "x.toml").unwrap();
+        assert_eq!(
+            config.node.name, None,
+            "the host name, when a fleet needs it"
+        );
+        assert_eq!(config.node.health_lease, DEFAULT_HEALTH_LEASE);
+        let config = parse(
+            "[node]\ninterfaces = []\nname = \"lb-1.east\"\nhealth_lease = 3\n",
+            "x.toml",
+        )
+        .unwrap();
+        assert_eq!(config.node.name.as_deref(), Some("lb-1.east"));
+        assert_eq!(config.node.health_lease, 3);
+
+        let err = parse("[node]\ninterfaces = []\nname = \"lb 1\"\n", "x.toml").unwrap_err();
+        assert_eq!((err.line, err.path.as_str()), (3, "node.name"), "{err}");
+        assert!(err.message.contains("letters, digits"), "{err}");
+        let err = parse("[node]\ninterfaces = []\nhealth_lease = 1\n", "x.toml").unwrap_err();
+        assert_eq!(
+            (err.line, err.path.as_str()),
+            (3, "node.health_lease"),
+            "{err}"
+        );
+        assert!(err.message.contains("from 2 to 3600"), "{err}");
     }
 
     #[test]

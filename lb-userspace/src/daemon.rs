@@ -289,6 +289,9 @@ pub async fn serve(
     // the links of the one running.
     let listener = Listener::bind(&node.api_socket)?;
     let telemetry = Telemetry::new();
+    if let Some(fleet) = store.fleet() {
+        telemetry.watch_store(fleet.metrics());
+    }
     let metrics_server = match metrics.listen {
         Some(addr) => Some(MetricsServer::bind(addr, telemetry.clone()).await?),
         None => None,
@@ -323,6 +326,9 @@ pub async fn serve(
         .map_or_else(|| watch::channel(Snapshot::default()).1, EtcdStore::updates);
     let (targets_tx, targets_rx) = watch::channel(BTreeMap::new());
     let (health_tx, health_rx) = watch::channel(BTreeMap::new());
+    let publisher = store
+        .fleet()
+        .map(|fleet| fleet.health_publisher(health_rx.clone()));
     let prober = Prober::new(DEFAULT_IN_FLIGHT).with_metrics(telemetry.probes().clone());
     let (probe_targets, probe_targets_rx) = watch::channel(BTreeSet::new());
     let mut control = Control {
@@ -392,6 +398,9 @@ pub async fn serve(
 
     info!("control API on {}", listener.path().display());
     let (calls_tx, calls_rx) = mpsc::channel(CALL_QUEUE);
+    if let Some(publisher) = publisher {
+        tokio::spawn(publisher.run(calls_tx.clone()));
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics_task = metrics_server.map(|server| {
         if let Ok(addr) = server.local_addr() {

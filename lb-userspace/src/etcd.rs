@@ -7,7 +7,11 @@
 //! PREFIX/v1/vips/<vip>                      {"addr","port","proto","ring_size","affinity"}
 //! PREFIX/v1/clusters/<vip>/<cluster>        {"weight","priority"}
 //! PREFIX/v1/backends/<vip>/<cluster>/<name> {"addr","weight","admin"}
+//! PREFIX/v1/health/<node>/<vip>/<cluster>/<name>  a node's view of health
 //! ```
+//!
+//! The `health` range is written by the nodes themselves (see
+//! [`crate::fleet_health`]) and is never read back as configuration.
 //!
 //! Every node reads the whole prefix once, then watches it from the next
 //! revision and rebuilds its desired state from the objects it holds; the
@@ -50,7 +54,8 @@ use crate::{
     api::{Admin, FlowAffinity, Protocol, Request},
     config::{self, NodeConfig},
     daemon::{StateStore, apply_change},
-    state::{AdminState, Backend, Cluster, DesiredState, Vip},
+    fleet_health::Publisher,
+    state::{AdminState, Backend, Cluster, DesiredState, Health, Vip},
 };
 
 /// The layout's version: a new one lives beside it under its own name.
@@ -78,6 +83,11 @@ pub enum StoreError {
         #[source]
         source: etcd_client::Error,
     },
+    #[error(
+        "this node needs a name in the fleet (its health view is published under it): {0}; \
+         set node.name in the config, such as name = \"lb1\""
+    )]
+    NodeName(String),
 }
 
 /// Where the fleet's state lives: endpoints and the key prefix.
@@ -215,6 +225,12 @@ impl Layout {
         format!("{}vips/{vip}", self.root)
     }
 
+    /// Where the nodes publish their views of health (see
+    /// [`crate::fleet_health`]).
+    pub fn health_root(&self) -> String {
+        format!("{}health/", self.root)
+    }
+
     pub fn cluster(&self, vip: &str, cluster: &str) -> String {
         format!("{}clusters/{vip}/{cluster}", self.root)
     }
@@ -319,10 +335,16 @@ struct Cache {
     revision: i64,
     /// Key → (mod_revision, decoded object or why not).
     objects: BTreeMap<String, (i64, Result<Object, String>)>,
+    /// The nodes' published health views, raw: only counted, never applied.
+    health: BTreeMap<String, Vec<u8>>,
 }
 
 impl Cache {
     fn put(&mut self, layout: &Layout, key: &str, value: &[u8], mod_revision: i64) {
+        if key.starts_with(&layout.health_root()) {
+            self.health.insert(key.to_owned(), value.to_vec());
+            return;
+        }
         match layout.decode(key, value) {
             Ok(Some(object)) => {
                 self.objects
@@ -470,7 +492,12 @@ pub struct StoreMetrics {
     pub reconnects: AtomicU64,
     /// Snapshots the data plane refused (the previous one stays programmed).
     pub apply_failures: AtomicU64,
+    /// Backends whose health the nodes' published views disagree on.
+    pub health_disagreements: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+    /// When the link last failed, in ms since the Unix epoch (0: never);
+    /// kept after a reconnection, unlike `last_error`.
+    pub last_error_unix_ms: AtomicU64,
 }
 
 /// What `xlb status` shows of the store.
@@ -494,6 +521,8 @@ pub struct EtcdStore {
     layout: Layout,
     client: Client,
     node: NodeConfig,
+    /// `node.name`, or the host name.
+    node_name: String,
     updates: watch::Receiver<Snapshot>,
     metrics: Arc<StoreMetrics>,
 }
@@ -502,6 +531,7 @@ impl EtcdStore {
     /// Connects, reads the whole prefix (waiting for etcd up to
     /// [`START_PATIENCE`]) and starts following it. Call inside a runtime.
     pub async fn open(url: EtcdUrl, node: &NodeConfig) -> Result<Self, StoreError> {
+        let node_name = node_name(node)?;
         let layout = Layout::new(&url.prefix);
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
@@ -553,15 +583,32 @@ impl EtcdStore {
             tx,
             metrics: metrics.clone(),
         };
+        follower.count_disagreements();
         tokio::spawn(follower.run());
         Ok(Self {
             url,
             layout,
             client,
             node: node.clone(),
+            node_name,
             updates,
             metrics,
         })
+    }
+
+    /// The task that publishes this node's view of health (run it): it
+    /// reads the view again whenever the prober's `health` or the store
+    /// changes.
+    pub fn health_publisher(&self, health: watch::Receiver<BTreeMap<IpAddr, Health>>) -> Publisher {
+        Publisher {
+            url: self.url.clone(),
+            layout: self.layout.clone(),
+            client: self.client.clone(),
+            node: self.node_name.clone(),
+            lease_secs: self.node.health_lease,
+            health,
+            states: self.updates(),
+        }
     }
 
     /// Every snapshot the watch builds, the first one included.
@@ -674,6 +721,19 @@ impl EtcdStore {
     }
 }
 
+/// `node.name`, or else the host name when it is a valid name.
+fn node_name(node: &NodeConfig) -> Result<String, StoreError> {
+    if let Some(name) = &node.name {
+        return Ok(name.clone());
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_err(|e| StoreError::NodeName(format!("no node.name, and the host name: {e}")))?;
+    let host = host.trim();
+    config::check_name(host)
+        .map(|()| host.to_owned())
+        .map_err(|why| StoreError::NodeName(format!("no node.name, and the host name: {why}")))
+}
+
 /// The prefixes of the children of a VIP or cluster key.
 fn children_prefixes(layout: &Layout, key: &str) -> Vec<String> {
     let Some(rest) = key.strip_prefix(layout.root()) else {
@@ -709,7 +769,7 @@ async fn read_all(client: &mut Client, layout: &Layout) -> Result<Cache, etcd_cl
         .await?;
     let mut cache = Cache {
         revision: response.header().map_or(0, |h| h.revision()),
-        objects: BTreeMap::new(),
+        ..Cache::default()
     };
     for kv in response.kvs() {
         let key = String::from_utf8_lossy(kv.key());
@@ -762,6 +822,12 @@ impl Follower {
             if let Ok(mut last) = self.metrics.last_error.lock() {
                 *last = Some(err.clone());
             }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            self.metrics
+                .last_error_unix_ms
+                .store(now.as_millis() as u64, Ordering::Relaxed);
             if was {
                 self.metrics.reconnects.fetch_add(1, Ordering::Relaxed);
             }
@@ -813,6 +879,7 @@ impl Follower {
                     Ok(Ok(cache)) => {
                         self.cache = cache;
                         self.publish(Vec::new());
+                        self.count_disagreements();
                     }
                     Ok(Err(err)) => return Err(format!("reading {}: {err}", self.layout.root())),
                     Err(err) => return Err(format!("reading {}: {err}", self.layout.root())),
@@ -834,9 +901,12 @@ impl Follower {
                 continue;
             }
             let mut written = Vec::new();
+            let health_before = self.cache.health.len();
+            let mut health_written = false;
             for event in response.events() {
                 let Some(kv) = event.kv() else { continue };
                 let key = String::from_utf8_lossy(kv.key()).into_owned();
+                health_written |= key.starts_with(&self.layout.health_root());
                 match event.event_type() {
                     EventType::Put => {
                         self.cache
@@ -845,12 +915,30 @@ impl Follower {
                     }
                     EventType::Delete => {
                         self.cache.objects.remove(&key);
+                        self.cache.health.remove(&key);
                     }
                 }
                 self.cache.revision = self.cache.revision.max(kv.mod_revision());
             }
             self.publish(written);
+            if health_written || self.cache.health.len() != health_before {
+                self.count_disagreements();
+            }
         }
+    }
+
+    /// After the reconcile loop has its snapshot: parsing every view is
+    /// the slow part, and only the metrics wait for it.
+    fn count_disagreements(&self) {
+        let views = self
+            .cache
+            .health
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()));
+        let fleet = crate::fleet_health::gather(&self.layout, String::new(), 0, views);
+        self.metrics
+            .health_disagreements
+            .store(fleet.disagreements() as u64, Ordering::Relaxed);
     }
 
     /// Sends the state of the cache to the reconcile loop; counts the
@@ -993,10 +1081,16 @@ mod tests {
             ("xlb/v1/widgets/x", "{}"),
             ("xlb/v1/vips/a/b", "{}"),
             ("xlb/v2/vips/web", "whatever a later layout holds"),
+            (
+                "xlb/v1/health/n0/web/east/e1",
+                r#"{"not": "configuration"}"#,
+            ),
         ] {
             pairs.push((key.to_owned(), value.as_bytes().to_vec()));
         }
-        let (state, malformed) = cache(&layout, &pairs).state(&layout, &node());
+        let cache = cache(&layout, &pairs);
+        assert_eq!(cache.health.len(), 1, "a node's health view is kept aside");
+        let (state, malformed) = cache.state(&layout, &node());
         assert_eq!(state, web());
         let found: Vec<(&str, &str)> = malformed
             .iter()

@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod demo;
 pub mod doctor;
 pub mod etcd;
+pub mod fleet_health;
 pub mod health;
 pub mod maglev;
 pub mod metrics;

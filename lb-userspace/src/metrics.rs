@@ -24,7 +24,10 @@ use std::{
     collections::BTreeMap,
     convert::Infallible,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -45,6 +48,7 @@ use tokio::{
 use crate::{
     api::{Admin, AttachmentView, Call, HealthState, Protocol, Request, Response, VipView},
     dataplane::maps::{ConnOccupancy, ConnTable, CounterReader},
+    etcd::StoreMetrics,
     state::Health,
 };
 
@@ -311,6 +315,8 @@ struct TelemetryInner {
     reconcile_failures: prometheus::IntCounter,
     health_since: Mutex<BTreeMap<IpAddr, SystemTime>>,
     probes: ProbeMetrics,
+    /// The fleet store's state, when the node runs on etcd.
+    store: OnceLock<Arc<StoreMetrics>>,
 }
 
 impl Default for Telemetry {
@@ -344,6 +350,7 @@ impl Telemetry {
                 reconcile_failures,
                 health_since: Mutex::new(BTreeMap::new()),
                 probes: ProbeMetrics::new(),
+                store: OnceLock::new(),
             }),
         }
     }
@@ -392,12 +399,22 @@ impl Telemetry {
         &self.inner.probes
     }
 
+    /// Exports the fleet store's revisions and troubles with every scrape,
+    /// so that an operator sees whether the fleet has converged.
+    /// Set once, at start; a second store is ignored.
+    pub fn watch_store(&self, store: Arc<StoreMetrics>) {
+        let _ = self.inner.store.set(store);
+    }
+
     fn collectors(&self) -> Vec<Box<dyn Collector>> {
         let mut all: Vec<Box<dyn Collector>> = vec![
             Box::new(self.inner.reconcile.clone()),
             Box::new(self.inner.reconcile_failures.clone()),
         ];
         all.extend(self.inner.probes.collectors());
+        if let Some(store) = self.inner.store.get() {
+            all.extend(store_collectors(store));
+        }
         all
     }
 }
@@ -496,6 +513,70 @@ impl ProbeMetrics {
             Box::new(self.transitions.clone()),
         ]
     }
+}
+
+/// The store's figures as they are at this scrape: revisions and the link
+/// as gauges, the store's own running counts as counters.
+fn store_collectors(store: &StoreMetrics) -> Vec<Box<dyn Collector>> {
+    let gauge = |name: &str, help: &str, value: i64| -> Box<dyn Collector> {
+        let gauge = IntGauge::new(name, help).expect("valid gauge options");
+        gauge.set(value);
+        Box::new(gauge)
+    };
+    let counter = |name: &str, help: &str, n: &AtomicU64| -> Box<dyn Collector> {
+        let counter = prometheus::IntCounter::new(name, help).expect("valid counter options");
+        counter.inc_by(n.load(Ordering::Relaxed));
+        Box::new(counter)
+    };
+    let last_error = prometheus::Gauge::new(
+        "xlb_store_last_error_timestamp_seconds",
+        "When the link to etcd last failed, in seconds since the Unix epoch (0: never).",
+    )
+    .expect("valid gauge options");
+    last_error.set(store.last_error_unix_ms.load(Ordering::Relaxed) as f64 / 1000.0);
+    vec![
+        gauge(
+            "xlb_store_applied_revision",
+            "The etcd revision whose state is programmed in this node's maps; equal on every node of a converged fleet.",
+            store.applied_revision.load(Ordering::Relaxed),
+        ),
+        gauge(
+            "xlb_store_seen_revision",
+            "The last etcd revision this node's watch delivered.",
+            store.seen_revision.load(Ordering::Relaxed),
+        ),
+        gauge(
+            "xlb_store_connected",
+            "1 while this node's watch on etcd is up, 0 while it reconnects (it forwards with the last applied state).",
+            i64::from(store.connected.load(Ordering::Relaxed)),
+        ),
+        gauge(
+            "xlb_store_malformed_values",
+            "Values in the store skipped (never applied) at the last revision seen.",
+            i64::try_from(store.malformed_now.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
+        ),
+        counter(
+            "xlb_store_malformed_values_total",
+            "Malformed values seen, each key once per revision it was written at.",
+            &store.malformed_total,
+        ),
+        counter(
+            "xlb_store_reconnects_total",
+            "Times the watch on etcd was lost and set up again.",
+            &store.reconnects,
+        ),
+        counter(
+            "xlb_store_apply_failures_total",
+            "Store revisions the data plane refused (the previous one stayed programmed).",
+            &store.apply_failures,
+        ),
+        Box::new(last_error),
+        gauge(
+            "xlb_fleet_health_disagreements",
+            "Backends the fleet's nodes publish different health for (their views in etcd; see xlb fleet health).",
+            i64::try_from(store.health_disagreements.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
+        ),
+    ]
 }
 
 // ---------------------------------------------------------------------------
@@ -829,5 +910,53 @@ async fn snapshot(calls: &mpsc::Sender<Call>) -> Result<Stats, String> {
         Ok(Response::Error { message }) => Err(message),
         Ok(other) => Err(format!("unexpected answer {other:?}")),
         Err(_) => Err("the daemon is stopping".to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicI64;
+
+    use super::*;
+
+    #[test]
+    fn a_node_on_etcd_exports_the_revision_it_applied() {
+        let telemetry = Telemetry::new();
+        let without: Vec<String> = telemetry
+            .collectors()
+            .iter()
+            .flat_map(|c| c.desc().into_iter().map(|d| d.fq_name.clone()))
+            .collect();
+        assert!(!without.iter().any(|name| name.starts_with("xlb_store_")));
+
+        let store = Arc::new(StoreMetrics {
+            applied_revision: AtomicI64::new(42),
+            seen_revision: AtomicI64::new(43),
+            reconnects: AtomicU64::new(2),
+            last_error_unix_ms: AtomicU64::new(1_795_815_638_500),
+            ..StoreMetrics::default()
+        });
+        telemetry.watch_store(Arc::clone(&store));
+        let registry = Registry::new();
+        for collector in telemetry.collectors() {
+            registry.register(collector).expect("unique names");
+        }
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&registry.gather(), &mut out)
+            .expect("encoding");
+        let text = String::from_utf8(out).expect("UTF-8");
+        for line in [
+            "xlb_store_applied_revision 42",
+            "xlb_store_seen_revision 43",
+            "xlb_store_connected 0",
+            "xlb_store_reconnects_total 2",
+            "xlb_store_last_error_timestamp_seconds 1795815638.5",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing in:\n{text}"
+            );
+        }
     }
 }

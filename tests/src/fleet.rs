@@ -12,7 +12,8 @@
 use std::{
     collections::BTreeMap,
     ffi::{CString, OsString},
-    fs, io,
+    fs,
+    io::{self, Read as _, Write as _},
     net::{IpAddr, Ipv4Addr},
     os::unix::ffi::OsStrExt as _,
     path::{Path, PathBuf},
@@ -28,11 +29,15 @@ use lb_common::{Backend as BackendEntry, VipInfo, VipKey, ip_from_addr, map_name
 use xlb::{
     api::{Client, Request, Response, Status},
     dataplane::Limits,
-    topology::{Host, LinkOpts, Spawned, Topology},
+    topology::{Bridge, Host, LinkOpts, Spawned, Topology},
 };
 
 pub const STORE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 50);
 pub const PREFIX: &str = "fleet";
+/// Every node serves /metrics here, in its own namespace.
+pub const METRICS: &str = "127.0.0.1:9730";
+/// Seconds a node's published health view outlives it (`node.health_lease`).
+pub const HEALTH_LEASE: u32 = 3;
 /// Long enough for a loaded machine; a guard against hanging, not a target.
 const PATIENCE: Duration = Duration::from_secs(60);
 /// etcd refuses transactions of more operations than this by default.
@@ -58,6 +63,7 @@ pub struct Fleet {
     pub nodes: Vec<FleetNode>,
     etcd: Option<Spawned>,
     pub store: Host,
+    fabric: Bridge,
     topology: Topology,
     bpffs: PathBuf,
     scratch: PathBuf,
@@ -71,6 +77,18 @@ impl Fleet {
     /// every daemon answers. `xlb` is the command line: the program, then
     /// any arguments it needs before xlb's own.
     pub fn new(tag: &str, xlb: &[OsString], nodes: usize, limits: Limits) -> Fleet {
+        Self::with_config(tag, xlb, nodes, limits, "")
+    }
+
+    /// [`Self::new`], with `extra` appended to every node's config (such
+    /// as `[vip.NAME]` tables for their `probe` tables).
+    pub fn with_config(
+        tag: &str,
+        xlb: &[OsString],
+        nodes: usize,
+        limits: Limits,
+        extra: &str,
+    ) -> Fleet {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let scratch = std::env::temp_dir().join(format!(
             "xlb-fleet-{}-{}-{tag}",
@@ -95,6 +113,7 @@ impl Fleet {
             nodes: Vec::new(),
             etcd: None,
             store,
+            fabric,
             topology,
             bpffs,
             scratch,
@@ -109,7 +128,7 @@ impl Fleet {
                 .topology
                 .link(
                     &host,
-                    &fabric,
+                    &fleet.fabric,
                     LinkOpts::new()
                         .addr_a(format!("{addr}/24"))
                         .names("eth0", format!("port-n{i}")),
@@ -124,6 +143,8 @@ impl Fleet {
                 &config,
                 format!(
                     "[node]\n\
+                     name = \"n{i}\"\n\
+                     health_lease = {HEALTH_LEASE}\n\
                      interfaces = [\"eth0\"]\n\
                      attach_mode = \"native\"\n\
                      source_v4 = \"{addr}\"\n\
@@ -134,7 +155,10 @@ impl Fleet {
                      max_vips = {}\n\
                      max_backends = {}\n\
                      ring_capacity = {}\n\
-                     conntrack_size = {}\n",
+                     conntrack_size = {}\n\
+                     [metrics]\n\
+                     listen = \"{METRICS}\"\n\
+                     {extra}",
                     socket.display(),
                     dir.join("state.toml").display(),
                     pin_dir.display(),
@@ -252,6 +276,66 @@ impl Fleet {
         node.process = Some(process);
     }
 
+    /// SIGTERM to node `i`'s daemon, waiting (a while) for it to exit.
+    pub fn stop_node(&mut self, i: usize) {
+        stop(self.nodes[i].process.take().expect("the node runs"));
+    }
+
+    /// Another host on the fabric at `addr` (a backend, say).
+    pub fn host(&self, name: &str, addr: Ipv4Addr) -> Host {
+        let host = self.topology.host(name).expect("a host");
+        self.topology
+            .link(
+                &host,
+                &self.fabric,
+                LinkOpts::new().addr_a(format!("{addr}/24")),
+            )
+            .expect("linking a host");
+        host
+    }
+
+    /// Every key under `prefix` in etcd, with its value.
+    pub fn get_prefix(&self, prefix: &str) -> BTreeMap<String, String> {
+        let prefix = prefix.to_owned();
+        self.etcd_call(async move |c| {
+            let got = c
+                .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+                .await?;
+            Ok(got
+                .kvs()
+                .iter()
+                .map(|kv| {
+                    (
+                        String::from_utf8_lossy(kv.key()).into_owned(),
+                        String::from_utf8_lossy(kv.value()).into_owned(),
+                    )
+                })
+                .collect())
+        })
+        .expect("reading etcd")
+    }
+
+    /// `GET /metrics` from inside node `i`.
+    pub fn scrape(&self, i: usize) -> String {
+        let raw = self.nodes[i]
+            .host
+            .run_in(|| -> io::Result<String> {
+                let mut stream = std::net::TcpStream::connect(METRICS)?;
+                stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: xlb\r\n\r\n")?;
+                let mut raw = String::new();
+                stream.read_to_string(&mut raw)?;
+                Ok(raw)
+            })
+            .expect("entering the node")
+            .unwrap_or_else(|err| panic!("node {i}: GET /metrics: {err}"));
+        let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(
+            head.split_whitespace().nth(1) == Some("200"),
+            "node {i}: {head}\n{body}"
+        );
+        body.to_owned()
+    }
+
     /// Runs etcd calls from the store's namespace.
     fn etcd_call<R: Send>(
         &self,
@@ -342,6 +426,21 @@ impl Fleet {
             .expect("running xlb")
     }
 
+    /// Runs the command line inside node `i`'s namespace (where etcd can
+    /// be reached).
+    pub fn xlb_inside(&self, i: usize, args: &[&str]) -> Output {
+        self.nodes[i]
+            .host
+            .command(&self.xlb[0])
+            .args(&self.xlb[1..])
+            .arg("--socket")
+            .arg(&self.nodes[i].socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running xlb")
+    }
+
     /// A command that must succeed on node `i`; its standard output.
     pub fn ok(&self, i: usize, args: &[&str]) -> String {
         let out = self.xlb(i, args);
@@ -366,20 +465,31 @@ impl Fleet {
         }
     }
 
-    /// The store revision node `i` has programmed.
-    pub fn applied(&self, i: usize) -> i64 {
-        self.status(i).store.map_or(0, |s| s.applied_revision)
+    /// The store revision node `i` has programmed, and whether its watch
+    /// is up.
+    pub fn applied(&self, i: usize) -> (i64, bool) {
+        self.status(i)
+            .store
+            .map_or((0, false), |s| (s.applied_revision, s.connected))
     }
 
-    /// Waits until every node has programmed `revision` (or a later one).
+    /// Waits until every node watches the store again and has programmed
+    /// `revision` (or a later one). Both: after an outage in which nothing
+    /// was written, a node still waiting out its reconnection back-off has
+    /// applied `revision` already, yet it is not watching: it sees the next
+    /// change only once it reconnects, up to the back-off's 5 s later.
     pub fn converge(&self, revision: i64) {
         let deadline = Instant::now() + PATIENCE;
         for i in 0..self.nodes.len() {
-            while self.applied(i) < revision {
+            loop {
+                let (applied, connected) = self.applied(i);
+                if connected && applied >= revision {
+                    break;
+                }
                 assert!(
                     Instant::now() < deadline,
-                    "node {i} is still at revision {} of {revision}:\n{}",
-                    self.applied(i),
+                    "node {i} is still at revision {applied} of {revision} (watch {}):\n{}",
+                    if connected { "up" } else { "down" },
                     self.logs()
                 );
                 thread::sleep(Duration::from_millis(1));
@@ -537,4 +647,37 @@ pub fn read_rings(pin_dir: &Path) -> Rings {
         out.insert(key, (info.ring_size, info.flags, ring));
     }
     out
+}
+
+/// `promtool check metrics` finds nothing to say about `exposition`.
+pub fn promtool_check(exposition: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running promtool (Debian's prometheus package; `cargo xtask setup` installs it)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(exposition.as_bytes())
+        .expect("feeding promtool");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The value of the unlabelled sample `name` in an exposition.
+pub fn sample(exposition: &str, name: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let (metric, value) = line.split_once(' ')?;
+        (metric == name).then(|| value.trim().parse().ok())?
+    })
 }

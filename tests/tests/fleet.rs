@@ -22,17 +22,27 @@
 //!   compacts its history: back on the network, it reads everything again
 //!   and serves what the others do.
 
-use std::{collections::BTreeMap, net::IpAddr, thread, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, TcpListener},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
 
 use xlb::{
     config,
     dataplane::Limits,
     etcd::StoreStatus,
+    fleet_health::{FleetHealth, HealthValue},
     reconcile::{NodeOptions, Reconciler},
     state::{AdminState, Backend, Cluster, DesiredState, Proto, Vip},
 };
 use xlb_tests::{
-    fleet::{Fleet, PREFIX, Rings},
+    fleet::{Fleet, PREFIX, Rings, promtool_check, sample},
     privileged,
 };
 
@@ -111,6 +121,41 @@ fn assert_fleet_serves(fleet: &Fleet, state: &DesiredState, what: &str) {
     }
 }
 
+/// Every node's `/metrics` passes promtool, shows its watch up and, once
+/// the fleet is quiet, etcd's current revision as the one applied: the
+/// fleet has converged, as an operator would see it. (Nodes write their
+/// health views into the store too, so the revision is read again after
+/// the scrapes; if it moved, everything is measured again.)
+fn assert_scraped_revisions(fleet: &Fleet, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let revision = fleet.revision();
+        fleet.converge(revision);
+        let scraped: Vec<String> = (0..fleet.nodes.len()).map(|i| fleet.scrape(i)).collect();
+        if fleet.revision() == revision {
+            for (i, text) in scraped.iter().enumerate() {
+                promtool_check(text);
+                assert_eq!(
+                    sample(text, "xlb_store_applied_revision"),
+                    Some(revision as f64),
+                    "{what}: node {i}:\n{text}"
+                );
+                assert_eq!(
+                    sample(text, "xlb_store_connected"),
+                    Some(1.0),
+                    "{what}: node {i}"
+                );
+            }
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the store's revision never held still:\n{}",
+            fleet.logs()
+        );
+    }
+}
+
 /// Waits (a minute at most: a guard, not a target) until node `i`'s store
 /// status satisfies `done`.
 fn wait_until(fleet: &Fleet, i: usize, what: &str, done: impl Fn(&StoreStatus) -> bool) {
@@ -184,6 +229,7 @@ fn a_fleet_on_etcd_agrees_through_changes_bad_values_and_a_store_outage() {
     let mut expected = DesiredState::default();
     expected.vips.insert("web".into(), web);
     assert_fleet_serves(&fleet, &expected, "after changes through three nodes");
+    assert_scraped_revisions(&fleet, "after changes through three nodes");
 
     // -- Three operators at once, on different backends, through three
     //    nodes: every edit lands.
@@ -308,7 +354,22 @@ fn a_fleet_on_etcd_agrees_through_changes_bad_values_and_a_store_outage() {
         let store = fleet.status(i).store.expect("store status");
         assert!(store.reconnects >= 1, "node {i}: {store:?}");
         assert_eq!(store.last_error, None, "node {i}: {store:?}");
+        let text = fleet.scrape(i);
+        assert!(
+            sample(&text, "xlb_store_reconnects_total") >= Some(1.0),
+            "node {i}:\n{text}"
+        );
+        assert!(
+            sample(&text, "xlb_store_last_error_timestamp_seconds") > Some(0.0),
+            "node {i}:\n{text}"
+        );
+        assert_eq!(
+            sample(&text, "xlb_store_malformed_values"),
+            Some(3.0),
+            "node {i}:\n{text}"
+        );
     }
+    assert_scraped_revisions(&fleet, "after etcd came back");
 
     // -- One node cut off while the others change things and etcd compacts
     //    its history: back on the network, it reads everything again.
@@ -337,5 +398,227 @@ fn a_fleet_on_etcd_agrees_through_changes_bad_values_and_a_store_outage() {
         "node 2 did not read everything again:\n{}",
         fleet.logs()
     );
+    fleet.close();
+}
+
+/// A TCP server on `addr:port` inside `host` that accepts and drops every
+/// connection until the returned flag is set.
+fn serve_tcp(
+    fleet: &Fleet,
+    host: &xlb::topology::Host,
+    addr: Ipv4Addr,
+    port: u16,
+) -> Arc<AtomicBool> {
+    let listener = host
+        .run_in(|| TcpListener::bind((addr, port)))
+        .expect("entering the backend")
+        .unwrap_or_else(|err| panic!("listening on {addr}:{port}: {err}\n{}", fleet.logs()));
+    listener
+        .set_nonblocking(true)
+        .expect("a non-blocking listener");
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = stop.clone();
+    thread::spawn(move || {
+        while !done.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok(_) => {}
+                Err(_) => thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    });
+    stop
+}
+
+/// Waits (a minute at most: a guard, not a target) until the health views
+/// in etcd satisfy `done`.
+fn wait_for_views(
+    fleet: &Fleet,
+    what: &str,
+    done: impl Fn(&BTreeMap<String, HealthValue>) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let views: BTreeMap<String, HealthValue> = fleet
+            .get_prefix(&format!("{PREFIX}/v1/health/"))
+            .into_iter()
+            .map(|(k, v)| {
+                let value = serde_json::from_str(&v).unwrap_or_else(|e| panic!("{k}: {v}: {e}"));
+                (k, value)
+            })
+            .collect();
+        if done(&views) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the health views never {what}: {views:#?}\n{}",
+            fleet.logs()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits (a minute at most: a guard, not a target) until node `i`'s
+/// `/metrics` shows `value` for the unlabelled `name`.
+fn wait_for_metric(fleet: &Fleet, i: usize, name: &str, value: f64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = fleet.scrape(i);
+        if sample(&text, name) == Some(value) {
+            promtool_check(&text);
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {i} never showed {name} {value}:\n{text}\n{}",
+            fleet.logs()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Two nodes probe the same two backends; one of them has no route to
+/// backend b1. Each publishes its own view under `health/<node>/`, written
+/// on change only; `xlb fleet health` shows both views and marks b1; a
+/// stopped node's view goes away with its lease.
+#[test]
+fn each_node_publishes_its_view_of_health_and_disagreement_shows() {
+    if !privileged() {
+        return;
+    }
+    // Only the config's probe tables are used on etcd; the VIP itself comes
+    // from the store.
+    let probes = "[vip.web]\n\
+                  addr = \"198.18.100.1\"\n\
+                  port = 80\n\
+                  probe = { kind = \"tcp\", port = 8080, interval = 0.3, timeout = 0.3, \
+                  rise = 1, fall = 2, flap_backoff = 0 }\n";
+    let mut fleet = Fleet::with_config("health", &[XLB.into()], 2, LIMITS, probes);
+    let b1_addr = Ipv4Addr::new(198, 18, 0, 21);
+    let b2_addr = Ipv4Addr::new(198, 18, 0, 22);
+    let b1 = fleet.host("b1", b1_addr);
+    let b2 = fleet.host("b2", b2_addr);
+    let stops = [
+        serve_tcp(&fleet, &b1, b1_addr, 8080),
+        serve_tcp(&fleet, &b2, b2_addr, 8080),
+    ];
+    // Node 1 alone cannot reach b1: connecting fails at once, "unreachable".
+    fleet.nodes[1]
+        .host
+        .ip(["route", "add", "unreachable", "198.18.0.21/32"])
+        .expect("a route only node 1 has");
+
+    fleet.ok(
+        0,
+        &[
+            "vip",
+            "add",
+            "web",
+            "198.18.100.1:80",
+            "--ring-size",
+            "1009",
+        ],
+    );
+    fleet.ok(0, &["cluster", "add", "web", "east"]);
+    fleet.ok(0, &["backend", "add", "web", "east", "b1", "198.18.0.21"]);
+    fleet.ok(1, &["backend", "add", "web", "east", "b2", "198.18.0.22"]);
+
+    let key = |node: &str, backend: &str| format!("{PREFIX}/v1/health/{node}/web/east/{backend}");
+    wait_for_views(&fleet, "showed node 1 losing b1", |views| {
+        views.len() == 4
+            && views
+                .get(&key("n1", "b1"))
+                .is_some_and(|v| v.health == "down")
+            && [key("n0", "b1"), key("n0", "b2"), key("n1", "b2")]
+                .iter()
+                .all(|k| views.get(k).is_some_and(|v| v.health == "up"))
+    });
+    let views = fleet.get_prefix(&format!("{PREFIX}/v1/health/"));
+    let n1b1: HealthValue = serde_json::from_str(&views[&key("n1", "b1")]).expect("a view");
+    assert_eq!(n1b1.addr, ip("198.18.0.21"));
+    assert_eq!(n1b1.probe.as_deref(), Some("tcp:8080"));
+    assert_eq!(n1b1.reason, "unreachable", "{n1b1:?}");
+    assert!(n1b1.since.is_some(), "{n1b1:?}");
+
+    // Written on change only: probes go on, the store stays where it is.
+    let revision = fleet.revision();
+    let probes = || -> u64 {
+        (0..2)
+            .map(|i| fleet.status(i).health.map_or(0, |h| h.probes))
+            .sum()
+    };
+    let probes_before = probes();
+    thread::sleep(Duration::from_secs(2));
+    let probes_after = probes();
+    assert!(probes_after > probes_before, "the nodes stopped probing");
+    assert_eq!(
+        fleet.revision(),
+        revision,
+        "health was written without a change"
+    );
+    // Never configuration: nothing is skipped as malformed, both nodes serve
+    // the same rings (each without the backend it sees down).
+    for i in 0..2 {
+        let store = fleet.status(i).store.expect("store status");
+        assert!(store.malformed.is_empty(), "node {i}: {store:?}");
+    }
+
+    // The command line, inside a node (where etcd is), marks b1.
+    let out = fleet.xlb_inside(0, &["fleet", "health"]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{shown}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = |name: &str| {
+        shown
+            .lines()
+            .find(|l| l.split_whitespace().take(3).eq(["web", "east", name]))
+            .unwrap_or_else(|| panic!("no row for {name}:\n{shown}"))
+            .to_owned()
+    };
+    assert!(shown.contains("2 nodes (n0, n1)"), "{shown}");
+    let b1_row = row("b1");
+    assert!(
+        b1_row.contains("down (unreachable)") && b1_row.ends_with("DISAGREE"),
+        "{shown}"
+    );
+    assert!(!row("b2").contains("DISAGREE"), "{shown}");
+    assert!(
+        shown.contains("1 of 2 backends seen differently"),
+        "{shown}"
+    );
+    wait_for_metric(&fleet, 0, "xlb_fleet_health_disagreements", 1.0);
+    let out = fleet.xlb_inside(1, &["--json", "fleet", "health"]);
+    let parsed: FleetHealth = serde_json::from_slice(&out.stdout).expect("fleet health as JSON");
+    assert_eq!(parsed.disagreements(), 1, "{parsed:?}");
+    assert_eq!(parsed.store, fleet.store_url());
+
+    // A node stopped: its view expires with its lease; the other's stays.
+    fleet.stop_node(1);
+    wait_for_views(&fleet, "dropped node 1's view", |views| {
+        views
+            .keys()
+            .all(|k| k.starts_with(&format!("{PREFIX}/v1/health/n0/")))
+            && views.len() == 2
+    });
+    wait_for_metric(&fleet, 0, "xlb_fleet_health_disagreements", 0.0);
+    let out = fleet.xlb_inside(0, &["fleet", "health"]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("1 node (n0)") && !shown.contains("DISAGREE"),
+        "{shown}"
+    );
+    assert!(
+        fleet.log(1).contains(&format!(
+            "publishes its health view under {PREFIX}/v1/health/n1/ (lease"
+        )),
+        "node 1 never said where it publishes:\n{}",
+        fleet.log(1)
+    );
+    for stop in stops {
+        stop.store(true, Ordering::Relaxed);
+    }
     fleet.close();
 }
