@@ -34,6 +34,7 @@
 
 pub mod maps;
 pub mod nexthop;
+mod slots;
 
 use std::{
     collections::BTreeMap,
@@ -65,7 +66,7 @@ use lb_common::{
 
 pub use self::maps::{
     BackendTable, ConnGeometry, ConnTable, CounterReader, DecapTable, NextHopTable, RingTable,
-    SettingsTable, TxPorts, VipTable,
+    RingWrites, SettingsTable, TxPorts, VipTable,
 };
 
 /// The XDP object built from `lb-ebpf` by this crate's build script.
@@ -97,6 +98,12 @@ pub enum DataplaneError {
         name: &'static str,
         #[source]
         source: Box<aya::maps::MapError>,
+    },
+    #[error("map {name}: mapping it into memory: {source}")]
+    MapMmap {
+        name: &'static str,
+        #[source]
+        source: io::Error,
     },
     #[error("map TX_PORTS: {0}")]
     TxPort(#[source] Box<aya::maps::xdp::XdpMapError>),
