@@ -18,11 +18,12 @@
 //! entries match this build and these [`Limits`]: a mismatch is an error that
 //! says which map and to run `xlb detach`), loads the new programs against
 //! them, and rebuilds the controller's mirrors from them (see
-//! [`VipTable`]). [`Dataplane::attach`] to an interface that has a pinned
-//! link then swaps the program inside that link (`BPF_LINK_UPDATE`): the
-//! kernel replaces it atomically, so no packet meets the interface without
-//! a program. [`Dataplane::detach_all`] and [`remove_pinned`] take the
-//! programs off and delete the pins.
+//! [`VipTable`]; a `RINGS` pinned before it was mmapable is kept and
+//! written per slot, see [`RingTable`]). [`Dataplane::attach`] to an
+//! interface that has a pinned link then swaps the program inside that
+//! link (`BPF_LINK_UPDATE`): the kernel replaces it atomically, so no
+//! packet meets the interface without a program. [`Dataplane::detach_all`]
+//! and [`remove_pinned`] take the programs off and delete the pins.
 //!
 //! The maps are pinned through the loader's per-map pin paths rather than by
 //! declaring them `pinned` in the XDP object: a map declared `pinned` is
