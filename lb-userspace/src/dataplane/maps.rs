@@ -361,9 +361,8 @@ impl RingTable {
             );
             return Ok(None);
         }
-        SharedSlots::map(data.fd().as_fd(), len)
-            .map(Some)
-            .map_err(|source| DataplaneError::MapMmap { name, source })
+        let fd = data.fd().as_fd().try_clone_to_owned().map_err(mmap_error)?;
+        Ok(Some(SharedSlots::new(fd, len)))
     }
 
     pub fn capacity(&self) -> u32 {
@@ -414,7 +413,7 @@ impl RingTable {
         self.check(offset, len as usize)?;
         (offset..offset + len)
             .map(|index| match &self.shared {
-                Some(shared) => Ok(shared.get(index)),
+                Some(shared) => shared.get(index).map_err(mmap_error),
                 None => self
                     .rings
                     .get(&index, 0)
@@ -433,15 +432,19 @@ impl RingTable {
 
     fn set(&mut self, index: u32, backend_id: u32) -> Result<(), DataplaneError> {
         match &self.shared {
-            Some(shared) => {
-                shared.set(index, backend_id);
-                Ok(())
-            }
+            Some(shared) => shared.set(index, backend_id).map_err(mmap_error),
             None => self
                 .rings
                 .set(index, backend_id, 0)
                 .map_err(DataplaneError::map(map_names::RINGS)),
         }
+    }
+}
+
+fn mmap_error(source: std::io::Error) -> DataplaneError {
+    DataplaneError::MapMmap {
+        name: map_names::RINGS,
+        source,
     }
 }
 
