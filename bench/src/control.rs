@@ -57,6 +57,9 @@ struct Case {
     /// changed: every VIP's ring rebuilt and its changed slots written.
     change_to_programmed_ms: Option<f64>,
     change_samples_ms: Vec<f64>,
+    /// Median of the apply part alone: the changed slots, backends and
+    /// VIPs written to the maps.
+    apply_ms: Option<f64>,
     ring_slots_written: Option<usize>,
 }
 
@@ -113,6 +116,7 @@ fn measure(vips: u32, backends: u32, runs: usize) -> Result<Case> {
         maglev_build_ms: None,
         change_to_programmed_ms: None,
         change_samples_ms: Vec::new(),
+        apply_ms: None,
         ring_slots_written: None,
     };
     let keys: Vec<[u8; 4]> = (0..backends).map(|b| b.to_be_bytes()).collect();
@@ -159,17 +163,21 @@ fn measure(vips: u32, backends: u32, runs: usize) -> Result<Case> {
     reconciler.apply(plan, &mut dp)?;
     let down = BTreeMap::from([(backend_addr(0), Health::Down)]);
     let mut slots = 0;
+    let mut applies = Vec::new();
     for run in 0..runs {
         let health = if run % 2 == 0 { &down } else { &healthy };
         let start = Instant::now();
         let plan = reconciler.plan(&state, health)?;
+        let planned = Instant::now();
         let applied = reconciler.apply(plan, &mut dp)?;
         case.change_samples_ms
             .push(start.elapsed().as_secs_f64() * 1e3);
+        applies.push(planned.elapsed().as_secs_f64() * 1e3);
         slots = applied.ring_slots_written;
     }
     case.ring_slots_written = Some(slots);
     case.change_to_programmed_ms = Some(median(&mut case.change_samples_ms.clone()));
+    case.apply_ms = Some(median(&mut applies));
     Ok(case)
 }
 
@@ -179,8 +187,8 @@ pub fn run(args: &Args) -> Result<()> {
         "control: Maglev build and backend change -> all rings programmed (plan + apply), median of {runs}"
     );
     println!(
-        "{:>9} {:>5} {:>8} {:>10} {:>12} {:>12}",
-        "backends", "VIPs", "ring", "build ms", "change ms", "slots"
+        "{:>9} {:>5} {:>8} {:>10} {:>12} {:>10} {:>12}",
+        "backends", "VIPs", "ring", "build ms", "change ms", "apply ms", "slots"
     );
     let mut cases = Vec::new();
     for backends in [10, 100, 1000] {
@@ -188,16 +196,18 @@ pub fn run(args: &Args) -> Result<()> {
             let case = measure(vips, backends, runs)?;
             match (&case.skipped, case.change_to_programmed_ms) {
                 (Some(reason), _) => println!(
-                    "{backends:>9} {vips:>5} {:>8} {:>10.2} {:>12} {:>12}  ({reason})",
+                    "{backends:>9} {vips:>5} {:>8} {:>10.2} {:>12} {:>10} {:>12}  ({reason})",
                     case.ring_size,
                     case.maglev_build_ms.unwrap_or(f64::NAN),
+                    "-",
                     "-",
                     "-"
                 ),
                 (None, Some(ms)) => println!(
-                    "{backends:>9} {vips:>5} {:>8} {:>10.2} {ms:>12.2} {:>12}",
+                    "{backends:>9} {vips:>5} {:>8} {:>10.2} {ms:>12.2} {:>10.2} {:>12}",
                     case.ring_size,
                     case.maglev_build_ms.unwrap_or(f64::NAN),
+                    case.apply_ms.unwrap_or(f64::NAN),
                     case.ring_slots_written.unwrap_or(0)
                 ),
                 (None, None) => {}
@@ -239,7 +249,7 @@ pub fn run(args: &Args) -> Result<()> {
         &args.json,
         &ControlReport {
             benchmark: "control",
-            method: "every VIP has one cluster of the same N backends (weight 1), ring = smallest prime >= max(65537, 100 N); after a first full apply, one backend's health alternates Down / Up; each change is timed from Reconciler::plan to the end of Reconciler::apply (rings rebuilt, changed slots, backends and VIPs written to the kernel's maps)",
+            method: "every VIP has one cluster of the same N backends (weight 1), ring = smallest prime >= max(65537, 100 N); after a first full apply, one backend's health alternates Down / Up; each change is timed from Reconciler::plan to the end of Reconciler::apply (rings rebuilt, changed slots, backends and VIPs written to the kernel's maps); apply_ms is the apply part alone (ring slots stored through the shared mapping of RINGS)",
             cases,
             machine,
         },

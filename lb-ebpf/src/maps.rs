@@ -2,6 +2,7 @@
 //! defaults: the controller sets the real ones at load time.
 
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, DevMapHash, HashMap, PerCpuArray},
 };
@@ -29,9 +30,11 @@ pub static VIP_LIVE: Array<u32> = Array::with_max_entries(DEFAULT_MAX_VIPS, 0);
 pub static VIP_FILTER: Array<VipFilter> = Array::with_max_entries(1, 0);
 
 /// All VIPs' Maglev rings back to back; a VIP's `ring_offset` and
-/// `ring_size` delimit its own. Each slot holds a backend id.
+/// `ring_size` delimit its own. Each slot holds a backend id. Mmapable, so
+/// that the controller rewrites slots with plain stores instead of one
+/// syscall each; lookups are those of any array.
 #[map]
-pub static RINGS: Array<u32> = Array::with_max_entries(DEFAULT_RING_SIZE, 0);
+pub static RINGS: Array<u32> = Array::with_max_entries(DEFAULT_RING_SIZE, BPF_F_MMAPABLE);
 
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);

@@ -26,6 +26,7 @@
 //! [`enter_private_netns`]), and [`privileged`] decides whether a test may
 //! skip for lack of root: only outside CI.
 
+pub mod bpffs;
 pub mod counters;
 pub mod expect;
 pub mod fixture;

@@ -1,18 +1,24 @@
 //! The reconcile step against the real kernel: what the plan says is what
-//! the maps hold, and a change writes only the difference.
+//! the maps hold, and a change writes only the difference. Rings are
+//! written through a shared mapping of `RINGS`; the kernel's own lookups
+//! must read back exactly what was written.
 
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
+    path::Path,
 };
 
 use lb_common::{BACKEND_F_UP, addr_from_ip};
 use xlb::{
-    dataplane::{Dataplane, Limits},
+    dataplane::{Dataplane, Limits, RingWrites},
     reconcile::{NodeOptions, Plan, Reconciler},
     state::{Backend, Cluster, DesiredState, Health, Proto, Vip},
 };
-use xlb_tests::privileged;
+use xlb_tests::{
+    bpffs::{BpfFs, pinned_ring},
+    privileged,
+};
 
 const RING: u32 = 65537;
 const LIMITS: Limits = Limits {
@@ -50,8 +56,9 @@ fn site(west_weight: u32) -> DesiredState {
 }
 
 /// Every VIP's ring, VIP entry and backend entry in the kernel equals the
-/// plan's.
-fn assert_kernel_holds(dp: &Dataplane, plan: &Plan) {
+/// plan's; rings both as the ring table reads them and as map lookups on
+/// the pinned `RINGS` do.
+fn assert_kernel_holds(dp: &Dataplane, pin_dir: &Path, plan: &Plan) {
     for (name, vip) in &plan.vips {
         let programmed = dp.vips.get(&vip.key).expect("VIP programmed");
         assert_eq!(programmed.id, vip.info.id, "{name}");
@@ -63,7 +70,12 @@ fn assert_kernel_holds(dp: &Dataplane, plan: &Plan) {
             .expect("reading RINGS");
         assert!(
             ring == *vip.ring,
-            "{name}: the kernel's ring differs from the plan's"
+            "{name}: the ring table's ring differs from the plan's"
+        );
+        let looked_up = pinned_ring(pin_dir, vip.info.ring_offset, vip.ring.len() as u32);
+        assert!(
+            looked_up == *vip.ring,
+            "{name}: the kernel's lookups of RINGS differ from the plan's ring"
         );
     }
     for (id, backend) in &plan.backends {
@@ -78,7 +90,10 @@ fn the_kernel_holds_the_plan_and_changes_write_only_the_difference() {
     if !privileged() {
         return;
     }
-    let mut dp = Dataplane::load(LIMITS).expect("loading the data plane");
+    let bpffs = BpfFs::mount("reconcile");
+    let dir = bpffs.pin_dir();
+    let mut dp = Dataplane::load_pinned(LIMITS, &dir).expect("loading the data plane");
+    assert_eq!(dp.rings.writes(), RingWrites::Mapped);
     let mut reconciler = Reconciler::new(
         NodeOptions::default(),
         LIMITS.max_vips,
@@ -91,7 +106,7 @@ fn the_kernel_holds_the_plan_and_changes_write_only_the_difference() {
     let applied = reconciler.apply(plan.clone(), &mut dp).expect("apply");
     assert_eq!(applied.ring_slots_written, RING as usize);
     assert_eq!(applied.backends_written, 6);
-    assert_kernel_holds(&dp, &plan);
+    assert_kernel_holds(&dp, &dir, &plan);
 
     // Nothing changed: nothing is written.
     let same = reconciler.plan(&site(1), &healthy).expect("plan");
@@ -107,13 +122,13 @@ fn the_kernel_holds_the_plan_and_changes_write_only_the_difference() {
         (0.16..0.20).contains(&moved),
         "{moved} of the ring rewritten"
     );
-    assert_kernel_holds(&dp, &plan);
+    assert_kernel_holds(&dp, &dir, &plan);
 
     // A backend goes down: out of the ring, not up, same id.
     let down = BTreeMap::from([(backend_addr(1), Health::Down)]);
     let plan = reconciler.plan(&site(2), &down).expect("plan");
     reconciler.apply(plan.clone(), &mut dp).expect("apply");
-    assert_kernel_holds(&dp, &plan);
+    assert_kernel_holds(&dp, &dir, &plan);
 
     // The VIP goes: its entry is removed and its backends cleared.
     let plan = reconciler
@@ -125,4 +140,5 @@ fn the_kernel_holds_the_plan_and_changes_write_only_the_difference() {
     for id in 0..6 {
         assert_eq!(dp.backends.get(id).expect("reading BACKENDS").family, 0);
     }
+    dp.detach_all().expect("removing the pins");
 }

@@ -12,10 +12,11 @@ use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs;
 use std::io;
+use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::os::unix::ffi::OsStrExt as _;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -25,11 +26,14 @@ use lb_common::{
     Settings, VipInfo, VipKey, addr_from_ip, map_names,
 };
 use xlb::dataplane::{
-    AttachMode, Dataplane, DataplaneError, Limits, Role, pinned_links, remove_pinned,
+    AttachMode, Dataplane, DataplaneError, Limits, RingWrites, Role, pinned_links, remove_pinned,
     xdp_attachment,
 };
 use xlb::topology::{Host, LinkOpts, Topology};
-use xlb_tests::*;
+use xlb_tests::{
+    bpffs::{BpfFs, pinned_ring},
+    *,
+};
 
 /// Every map of the object: each leaves a pin.
 const MAPS: [&str; 14] = [
@@ -48,64 +52,6 @@ const MAPS: [&str; 14] = [
     map_names::BACKEND_STATS,
     map_names::DECAP_ADDRS,
 ];
-
-/// A bpffs mounted on a new directory under the system's temporary
-/// directory for one test; unmounted (lazily, so open descriptors do not
-/// hold it up) and removed when dropped, also while unwinding.
-struct BpfFs {
-    mount: PathBuf,
-}
-
-impl BpfFs {
-    fn mount(test: &str) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let mount = std::env::temp_dir().join(format!(
-            "xlb-restart-{}-{}-{test}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        fs::create_dir_all(&mount).expect("creating the bpffs mount point");
-        let target = CString::new(mount.as_os_str().as_bytes()).expect("mount point path");
-        // SAFETY: every argument is a NUL-terminated string that outlives
-        // the call; bpffs takes no data.
-        let mounted = unsafe {
-            libc::mount(
-                c"bpf".as_ptr(),
-                target.as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if mounted != 0 {
-            let err = io::Error::last_os_error();
-            let _ = fs::remove_dir(&mount);
-            panic!("mount -t bpf bpf {}: {err}", mount.display());
-        }
-        Self { mount }
-    }
-
-    /// The pin directory inside the mount: not created yet, so that loading
-    /// creates it.
-    fn pin_dir(&self) -> PathBuf {
-        self.mount.join("xlb")
-    }
-}
-
-impl Drop for BpfFs {
-    fn drop(&mut self) {
-        let target = CString::new(self.mount.as_os_str().as_bytes()).expect("mount point path");
-        // SAFETY: `target` is a NUL-terminated path that outlives the call.
-        if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
-            eprintln!(
-                "umount {}: {}",
-                self.mount.display(),
-                io::Error::last_os_error()
-            );
-        }
-        let _ = fs::remove_dir(&self.mount);
-    }
-}
 
 /// The names in a directory, sorted.
 fn entries(dir: &Path) -> Vec<String> {
@@ -238,11 +184,17 @@ fn maps_and_the_connection_table_survive_a_restart() {
         vips_before,
         "the VIP mirror is rebuilt from VIPS"
     );
+    assert_eq!(dp.rings.writes(), RingWrites::Mapped, "the reused RINGS");
     assert_eq!(
         dp.rings
             .read(WEB_V4.ring_offset(), RING_SIZE)
             .expect("reading RINGS"),
         ring_before
+    );
+    assert_eq!(
+        pinned_ring(&dir, WEB_V4.ring_offset(), RING_SIZE),
+        ring_before,
+        "the kernel's lookups read the same ring"
     );
     assert_eq!(
         dp.backends.get(web_backend).expect("reading BACKENDS"),
@@ -276,6 +228,14 @@ fn maps_and_the_connection_table_survive_a_restart() {
     );
     delta.assert_counters(&[Counter::Tx, Counter::ConnHit]);
 
+    // Ring writes after the restart reach the program too.
+    let other = *WEB_V4
+        .pool
+        .iter()
+        .find(|id| **id != web_backend)
+        .expect("a pool of two");
+    assert_new_flows_go_to(&mut dp, &WEB_V4, other, 41_000);
+
     // The rebuilt generation counter continues past the deleted VIP's, so
     // re-creating that VIP does not revive its recorded flows.
     program_vip(&mut dp, &WEB_V6);
@@ -301,6 +261,118 @@ fn maps_and_the_connection_table_survive_a_restart() {
     assert!(unpinned.interfaces.is_empty(), "{unpinned:?}");
     assert_eq!(sorted(&unpinned.maps), sorted(&MAPS));
     assert!(entries(&dir).is_empty(), "left: {:?}", entries(&dir));
+}
+
+/// Points every slot of `vip`'s ring at backend `id`, then checks that a new
+/// flow (from `client_port`) goes there: the program reads what was written.
+fn assert_new_flows_go_to(dp: &mut Dataplane, vip: &VipDef, id: u32, client_port: u16) {
+    dp.rings
+        .write(vip.ring_offset(), &vec![id; RING_SIZE as usize])
+        .expect("writing RINGS");
+    let IpAddr::V4(addr) = vip.addr else {
+        panic!("an IPv4 VIP")
+    };
+    let syn = Pkt::tcp_syn(CLIENT_V4, client_port, addr, vip.port);
+    assert_eq!(run(dp, &syn.build()).0, Action::Tx, "the SYN is balanced");
+    assert_eq!(tracked(dp, &syn.flow()), Some(id), "the new flow's backend");
+}
+
+/// Pins at `path` an array map as xlb pinned `RINGS` before it was
+/// mmapable: same type and sizes, no `BPF_F_MMAPABLE`.
+fn pin_rings_without_mmap(path: &Path, entries: u32) {
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    fn bpf<T>(cmd: libc::c_long, attr: &T) -> libc::c_long {
+        // SAFETY: `attr` is a `#[repr(C)]` prefix of `union bpf_attr` for
+        // `cmd`, live for the call; the kernel reads at most its size.
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const T, size_of::<T>()) }
+    }
+    let fd = bpf(
+        BPF_MAP_CREATE,
+        &MapCreate {
+            map_type: BPF_MAP_TYPE_ARRAY,
+            key_size: 4,
+            value_size: 4,
+            max_entries: entries,
+            map_flags: 0,
+        },
+    );
+    assert!(fd >= 0, "BPF_MAP_CREATE: {}", io::Error::last_os_error());
+    // SAFETY: the kernel returned a new descriptor, owned only here.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let path = CString::new(path.as_os_str().as_bytes()).expect("pin path");
+    let pinned = bpf(
+        BPF_OBJ_PIN,
+        &ObjPin {
+            pathname: path.as_ptr() as u64,
+            bpf_fd: fd.as_raw_fd() as u32,
+            file_flags: 0,
+        },
+    );
+    assert_eq!(pinned, 0, "BPF_OBJ_PIN: {}", io::Error::last_os_error());
+}
+
+#[test]
+fn a_rings_map_pinned_before_it_was_mmapable_is_kept_and_written_per_slot() {
+    if !privileged() {
+        return;
+    }
+    enter_private_netns();
+    let bpffs = BpfFs::mount("old-rings");
+    let dir = bpffs.pin_dir();
+    fs::create_dir_all(&dir).expect("creating the pin directory");
+    pin_rings_without_mmap(&dir.join(map_names::RINGS), LIMITS.ring_capacity);
+
+    // Kept as it is: the programs attached by the older xlb read it.
+    let mut dp = Dataplane::load_pinned(LIMITS, &dir).expect("loading over the old RINGS");
+    assert_eq!(dp.reused_maps(), [map_names::RINGS]);
+    assert_eq!(dp.rings.writes(), RingWrites::PerSlotSyscall);
+    dp.settings
+        .set(standard_settings())
+        .expect("writing SETTINGS");
+    program_vip(&mut dp, &WEB_V4);
+    let ring = ring_for(WEB_V4.pool, RING_SIZE);
+    assert_eq!(pinned_ring(&dir, WEB_V4.ring_offset(), RING_SIZE), ring);
+    assert_new_flows_go_to(&mut dp, &WEB_V4, WEB_V4.pool[0], 40_000);
+    let ring = dp
+        .rings
+        .read(WEB_V4.ring_offset(), RING_SIZE)
+        .expect("reading RINGS");
+
+    // A restart keeps it, and its rings.
+    drop(dp);
+    let mut dp = Dataplane::load_pinned(LIMITS, &dir).expect("loading again");
+    assert_eq!(sorted(dp.reused_maps()), sorted(&MAPS));
+    assert_eq!(dp.rings.writes(), RingWrites::PerSlotSyscall);
+    assert_eq!(
+        dp.rings
+            .read(WEB_V4.ring_offset(), RING_SIZE)
+            .expect("reading RINGS"),
+        ring
+    );
+    assert_new_flows_go_to(&mut dp, &WEB_V4, WEB_V4.pool[1], 40_001);
+
+    // What the warning says to do: detach, start again, mapped.
+    dp.detach_all().expect("detach_all");
+    let dp = Dataplane::load_pinned(LIMITS, &dir).expect("loading afresh");
+    assert!(dp.reused_maps().is_empty());
+    assert_eq!(dp.rings.writes(), RingWrites::Mapped);
+    dp.detach_all().expect("detach_all");
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! object, so no other code can write them, and checks what it writes
 //! against the limits the maps were created with.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{collections::BTreeMap, net::IpAddr, os::fd::AsFd as _};
 
 use aya::{
     Ebpf,
@@ -14,7 +14,10 @@ use lb_common::{
     conntrack_sets, map_names,
 };
 
-use super::{DataplaneError, Limits};
+use super::{
+    DataplaneError, Limits,
+    slots::{BPF_F_MMAPABLE, SharedSlots},
+};
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
 where
@@ -299,21 +302,78 @@ fn addr_key(key: &VipKey) -> AddrKey {
 }
 
 /// The flat ring storage all VIPs' rings live in.
+///
+/// Slots are written through a shared mapping of `RINGS` (see
+/// [`SharedSlots`]): one 4-byte store each, so a change costs memory-copy
+/// time, not a syscall per slot. Each store is atomic, so a packet reads a
+/// slot's old backend or its new one, as with one map update per slot.
+/// Stores are ordered after everything written before them (backends), and
+/// the VIP write that follows a ring (a syscall) is ordered after them.
+///
+/// A `RINGS` pinned by an xlb from before it was mmapable cannot be mapped:
+/// it is written one `bpf_map_update_elem` per slot, as before, and a
+/// warning says so. It is kept rather than replaced, because the programs
+/// already attached read that very map; `xlb detach` and a new start give
+/// the mapped one.
 pub struct RingTable {
     rings: Array<MapData, u32>,
+    shared: Option<SharedSlots>,
     capacity: u32,
+}
+
+/// How [`RingTable`] writes slots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingWrites {
+    /// Stores into a shared mapping of the map.
+    Mapped,
+    /// One map-update syscall per slot: a pinned map that is not mmapable.
+    PerSlotSyscall,
 }
 
 impl RingTable {
     pub(super) fn new(ebpf: &mut Ebpf, limits: Limits) -> Result<Self, DataplaneError> {
+        let name = map_names::RINGS;
+        let map = ebpf
+            .take_map(name)
+            .ok_or(DataplaneError::Missing { kind: "map", name })?;
+        let shared = match &map {
+            aya::maps::Map::Array(data) => Self::share(data, limits.ring_capacity)?,
+            // Not an array: the conversion below says so.
+            _ => None,
+        };
         Ok(Self {
-            rings: take(ebpf, map_names::RINGS)?,
+            rings: Array::try_from(map).map_err(DataplaneError::map(name))?,
+            shared,
             capacity: limits.ring_capacity,
         })
     }
 
+    /// Maps the map's slots, or `None` (with a warning) if it is not
+    /// mmapable.
+    fn share(data: &MapData, len: u32) -> Result<Option<SharedSlots>, DataplaneError> {
+        let name = map_names::RINGS;
+        let info = data.info().map_err(DataplaneError::map(name))?;
+        if info.map_flags() & BPF_F_MMAPABLE == 0 {
+            log::warn!(
+                "{name} was pinned by an earlier xlb without BPF_F_MMAPABLE: ring changes are \
+                 written one syscall per slot (slower); `xlb detach` and a restart make it \
+                 mmapable (this empties the connection table)"
+            );
+            return Ok(None);
+        }
+        let fd = data.fd().as_fd().try_clone_to_owned().map_err(mmap_error)?;
+        Ok(Some(SharedSlots::new(fd, len)))
+    }
+
     pub fn capacity(&self) -> u32 {
         self.capacity
+    }
+
+    pub fn writes(&self) -> RingWrites {
+        match self.shared {
+            Some(_) => RingWrites::Mapped,
+            None => RingWrites::PerSlotSyscall,
+        }
     }
 
     /// Writes a whole ring at `offset`.
@@ -352,10 +412,12 @@ impl RingTable {
     pub fn read(&self, offset: u32, len: u32) -> Result<Vec<u32>, DataplaneError> {
         self.check(offset, len as usize)?;
         (offset..offset + len)
-            .map(|index| {
-                self.rings
+            .map(|index| match &self.shared {
+                Some(shared) => shared.get(index).map_err(mmap_error),
+                None => self
+                    .rings
                     .get(&index, 0)
-                    .map_err(DataplaneError::map(map_names::RINGS))
+                    .map_err(DataplaneError::map(map_names::RINGS)),
             })
             .collect()
     }
@@ -369,9 +431,20 @@ impl RingTable {
     }
 
     fn set(&mut self, index: u32, backend_id: u32) -> Result<(), DataplaneError> {
-        self.rings
-            .set(index, backend_id, 0)
-            .map_err(DataplaneError::map(map_names::RINGS))
+        match &self.shared {
+            Some(shared) => shared.set(index, backend_id).map_err(mmap_error),
+            None => self
+                .rings
+                .set(index, backend_id, 0)
+                .map_err(DataplaneError::map(map_names::RINGS)),
+        }
+    }
+}
+
+fn mmap_error(source: std::io::Error) -> DataplaneError {
+    DataplaneError::MapMmap {
+        name: map_names::RINGS,
+        source,
     }
 }
 

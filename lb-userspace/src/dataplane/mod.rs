@@ -18,11 +18,12 @@
 //! entries match this build and these [`Limits`]: a mismatch is an error that
 //! says which map and to run `xlb detach`), loads the new programs against
 //! them, and rebuilds the controller's mirrors from them (see
-//! [`VipTable`]). [`Dataplane::attach`] to an interface that has a pinned
-//! link then swaps the program inside that link (`BPF_LINK_UPDATE`): the
-//! kernel replaces it atomically, so no packet meets the interface without
-//! a program. [`Dataplane::detach_all`] and [`remove_pinned`] take the
-//! programs off and delete the pins.
+//! [`VipTable`]; a `RINGS` pinned before it was mmapable is kept and
+//! written per slot, see [`RingTable`]). [`Dataplane::attach`] to an
+//! interface that has a pinned link then swaps the program inside that
+//! link (`BPF_LINK_UPDATE`): the kernel replaces it atomically, so no
+//! packet meets the interface without a program. [`Dataplane::detach_all`]
+//! and [`remove_pinned`] take the programs off and delete the pins.
 //!
 //! The maps are pinned through the loader's per-map pin paths rather than by
 //! declaring them `pinned` in the XDP object: a map declared `pinned` is
@@ -35,6 +36,7 @@
 mod egress;
 pub mod maps;
 pub mod nexthop;
+mod slots;
 
 use std::{
     collections::BTreeMap,
@@ -66,7 +68,7 @@ use lb_common::{
 
 pub use self::maps::{
     BackendTable, ConnGeometry, ConnTable, CounterReader, DecapTable, NextHopTable, RingTable,
-    SettingsTable, TxPorts, VipTable,
+    RingWrites, SettingsTable, TxPorts, VipTable,
 };
 
 /// The XDP object built from `lb-ebpf` by this crate's build script.
@@ -98,6 +100,12 @@ pub enum DataplaneError {
         name: &'static str,
         #[source]
         source: Box<aya::maps::MapError>,
+    },
+    #[error("map {name}: mapping it into memory: {source}")]
+    MapMmap {
+        name: &'static str,
+        #[source]
+        source: io::Error,
     },
     #[error("map TX_PORTS: {0}")]
     TxPort(#[source] Box<aya::maps::xdp::XdpMapError>),
