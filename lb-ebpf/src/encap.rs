@@ -49,11 +49,7 @@ pub fn encapsulate(
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(overhead as i32)) } != 0 {
         return Err(Counter::DropEncapFailed);
     }
-    let inner_proto = if pkt.flow.family == FAMILY_V4 {
-        IPPROTO_IPIP
-    } else {
-        IPPROTO_IPV6
-    };
+    let inner_proto = inner_proto(pkt.flow.family == FAMILY_V4);
     let outer_type = if backend.family == FAMILY_V4 {
         ETH_P_IPV4
     } else {
@@ -77,19 +73,41 @@ pub fn encapsulate(
         write_at(ctx, size_of::<EthHdr>(), tag).ok_or(Counter::DropEncapFailed)?;
     }
     let written = if backend.family == FAMILY_V4 {
-        write_at(ctx, l2.len, outer_ipv4(pkt, backend, settings, inner_proto))
+        write_at(
+            ctx,
+            l2.len,
+            outer_ipv4(pkt.tos, pkt.ip_len, backend, settings, inner_proto),
+        )
     } else {
-        write_at(ctx, l2.len, outer_ipv6(pkt, backend, settings, inner_proto))
+        write_at(
+            ctx,
+            l2.len,
+            outer_ipv6(pkt.tos, pkt.ip_len, backend, settings, inner_proto),
+        )
     };
     written.ok_or(Counter::DropEncapFailed)
 }
 
+/// The outer header's protocol: what it carries.
 #[inline(always)]
-fn outer_ipv4(pkt: &Packet, backend: &Backend, settings: &Settings, inner_proto: u8) -> Ipv4Hdr {
+pub fn inner_proto(inner_v4: bool) -> u8 {
+    if inner_v4 { IPPROTO_IPIP } else { IPPROTO_IPV6 }
+}
+
+/// The outer IPv4 header around an inner packet of `ip_len` bytes; the
+/// balancer and the probe egress program both write it.
+#[inline(always)]
+pub fn outer_ipv4(
+    tos: u8,
+    ip_len: u32,
+    backend: &Backend,
+    settings: &Settings,
+    inner_proto: u8,
+) -> Ipv4Hdr {
     let mut hdr = Ipv4Hdr {
         version_ihl: 0x45,
-        tos: pkt.tos,
-        tot_len: ((pkt.ip_len + IPV4_HDR_LEN as u32) as u16).to_be(),
+        tos,
+        tot_len: ((ip_len + IPV4_HDR_LEN as u32) as u16).to_be(),
         id: 0,
         // Never fragment the outer packet: the MTU check already
         // dropped what would not fit.
@@ -104,11 +122,18 @@ fn outer_ipv4(pkt: &Packet, backend: &Backend, settings: &Settings, inner_proto:
     hdr
 }
 
+/// The outer IPv6 header, as [`outer_ipv4`].
 #[inline(always)]
-fn outer_ipv6(pkt: &Packet, backend: &Backend, settings: &Settings, inner_proto: u8) -> Ipv6Hdr {
+pub fn outer_ipv6(
+    tos: u8,
+    ip_len: u32,
+    backend: &Backend,
+    settings: &Settings,
+    inner_proto: u8,
+) -> Ipv6Hdr {
     Ipv6Hdr {
-        vcf: (6u32 << 28 | u32::from(pkt.tos) << 20).to_be(),
-        payload_len: (pkt.ip_len as u16).to_be(),
+        vcf: (6u32 << 28 | u32::from(tos) << 20).to_be(),
+        payload_len: (ip_len as u16).to_be(),
         next_hdr: inner_proto,
         hop_limit: OUTER_TTL,
         src: settings.src_v6,

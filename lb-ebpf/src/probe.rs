@@ -37,15 +37,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    Backend, Counter, FAMILY_V4, IPV4_HDR_LEN, IPV6_HDR_LEN, NEXTHOP_F_VALID, NextHop, OUTER_TTL,
-    PROBE_MARK_BASE, PROBE_MARK_MASK, Settings,
+    Backend, Counter, FAMILY_V4, IPV6_HDR_LEN, NEXTHOP_F_VALID, NextHop, PROBE_MARK_BASE,
+    PROBE_MARK_MASK, Settings,
 };
-use lb_ebpf::headers::{
-    ETH_P_IPV4, ETH_P_IPV6, EthHdr, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_DF, Ipv4Hdr, Ipv6Hdr,
-};
+use lb_ebpf::headers::{ETH_P_IPV4, ETH_P_IPV6, EthHdr, Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
     counters::count,
+    encap::{inner_proto, outer_ipv4, outer_ipv6, overhead},
     maps::{BACKENDS, NEXTHOPS, SETTINGS, array_get},
 };
 
@@ -101,11 +100,7 @@ fn probe(ctx: &TcContext, backend_id: u32) -> Result<i32, Counter> {
         .filter(|backend| backend.family != 0)
         .ok_or(Counter::ProbeDropNoBackend)?;
     let inner = parse(ctx)?;
-    let overhead = if backend.family == FAMILY_V4 {
-        IPV4_HDR_LEN
-    } else {
-        IPV6_HDR_LEN
-    } as u32;
+    let overhead = overhead(&backend);
     let way = next_hop(ctx, backend_id, &backend, inner.ip_len + overhead)?;
     let settings = array_get(&SETTINGS, 0).ok_or(Counter::ProbeDropEncapFailed)?;
     encapsulate(ctx, &inner, &backend, &settings, &way, overhead)?;
@@ -220,11 +215,7 @@ fn encapsulate(
     };
     ctx.adjust_room(overhead as i32, BPF_ADJ_ROOM_MAC, u64::from(flags))
         .map_err(|_| Counter::ProbeDropEncapFailed)?;
-    let inner_proto = if inner.family_v4 {
-        IPPROTO_IPIP
-    } else {
-        IPPROTO_IPV6
-    };
+    let inner_proto = inner_proto(inner.family_v4);
     // Without a next-hop entry the kernel writes the addresses when it
     // sends the packet; it only asks that the destination not be multicast.
     let (dst, src) = match way {
@@ -239,29 +230,10 @@ fn encapsulate(
     ctx.store(0, &eth, 0)
         .map_err(|_| Counter::ProbeDropEncapFailed)?;
     let written = if outer_v4 {
-        let mut hdr = Ipv4Hdr {
-            version_ihl: 0x45,
-            tos: inner.tos,
-            tot_len: ((inner.ip_len + overhead) as u16).to_be(),
-            id: 0,
-            frag_off: IPV4_DF.to_be(),
-            ttl: OUTER_TTL,
-            proto: inner_proto,
-            check: 0,
-            src: settings.src_v4,
-            dst: backend.addr[0],
-        };
-        hdr.check = hdr.checksum();
+        let hdr = outer_ipv4(inner.tos, inner.ip_len, backend, settings, inner_proto);
         ctx.store(ETH_LEN, &hdr, 0)
     } else {
-        let hdr = Ipv6Hdr {
-            vcf: (6u32 << 28 | u32::from(inner.tos) << 20).to_be(),
-            payload_len: (inner.ip_len as u16).to_be(),
-            next_hdr: inner_proto,
-            hop_limit: OUTER_TTL,
-            src: settings.src_v6,
-            dst: backend.addr,
-        };
+        let hdr = outer_ipv6(inner.tos, inner.ip_len, backend, settings, inner_proto);
         ctx.store(ETH_LEN, &hdr, 0)
     };
     written.map_err(|_| Counter::ProbeDropEncapFailed)
