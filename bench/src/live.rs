@@ -52,6 +52,11 @@ const NODE_IN: &str = "eth0";
 const NODE_OUT: &str = "eth1";
 /// Frames the backend may count that xlb did not send.
 const STRAY_FRAMES: u64 = 16;
+const KINDS: [(&str, Kind); 2] = [("established", Kind::TcpAck), ("new", Kind::TcpSyn)];
+/// Connection-table sizes the sweep loads xlb with: a quarter of a million
+/// flows (4 MiB), the default (32 MiB) and 16 million (256 MiB).
+const TABLE_SWEEP: [u32; 3] = [1 << 18, 1 << 21, 1 << 24];
+const SWEEP_FLOWS: u32 = 100_000;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -98,6 +103,12 @@ pub struct LivePath {
 
 impl LivePath {
     pub fn build(tag: &str) -> Result<Self> {
+        Self::with_limits(tag, Limits::default())
+    }
+
+    /// [`Self::build`], with xlb loaded with `limits` (such as another
+    /// connection-table size).
+    pub fn with_limits(tag: &str, limits: Limits) -> Result<Self> {
         let topo = Topology::new(tag)?;
         let gen_host = topo.host("gen")?;
         let node = topo.host("node")?;
@@ -126,8 +137,7 @@ impl LivePath {
         // namespace of the thread that writes them: the node's.
         let out_ifindex = to_backend.a.ifindex;
         let (dataplane, floor) = node.run_in(|| -> Result<(Dataplane, Ebpf)> {
-            let mut dataplane =
-                Dataplane::load(Limits::default()).context("loading xlb (are you root?)")?;
+            let mut dataplane = Dataplane::load(limits).context("loading xlb (are you root?)")?;
             program_xlb(&mut dataplane, &to_backend)?;
             let mut floor = Ebpf::load(FLOOR_OBJECT).context("loading the floor")?;
             let program: &mut Xdp = floor
@@ -335,6 +345,18 @@ struct Comparison {
     ratio: f64,
 }
 
+/// xlb against the floor with [`SWEEP_FLOWS`] flows, by connection-table
+/// size.
+#[derive(Debug, Serialize)]
+struct TableCase {
+    conntrack_size: u32,
+    flows_kind: &'static str,
+    flows: u32,
+    xlb_pps: f64,
+    floor_pps: f64,
+    ratio: f64,
+}
+
 #[derive(Debug, Serialize)]
 struct LiveReport {
     benchmark: &'static str,
@@ -346,7 +368,112 @@ struct LiveReport {
     target_met: bool,
     cases: Vec<CaseResult>,
     comparisons: Vec<Comparison>,
+    table_sweep: Vec<TableCase>,
     machine: Machine,
+}
+
+/// One case: the floor, then xlb, on the same packets and for the same
+/// time; the xlb run checks that what the backend counted is what xlb sent.
+fn measure(
+    path: &mut LivePath,
+    kind: Kind,
+    flows_kind: &'static str,
+    flows: u32,
+    args: &Args,
+    seconds: f64,
+) -> Result<(CaseResult, CaseResult)> {
+    let packets = path.packets(kind, flows, args.size);
+    let mut results = Vec::with_capacity(2);
+    for program in [NodeProgram::Floor, NodeProgram::Xlb] {
+        path.use_program(program)?;
+        if program == NodeProgram::Xlb && kind == Kind::TcpAck {
+            // Puts every flow in the connection table first.
+            path.send(
+                packets.clone(),
+                Limit::Count(u64::from(flows)),
+                1,
+                Some(200_000),
+            )?;
+        }
+        let forwarded = path.xlb_counter(Counter::Redirect)?;
+        let start = Instant::now();
+        let (report, delivered) = path.send(
+            packets.clone(),
+            Limit::Duration(Duration::from_secs_f64(seconds)),
+            args.threads,
+            None,
+        )?;
+        let elapsed = report.elapsed.max(start.elapsed() / 2);
+        ensure!(
+            delivered > 0,
+            "{program:?}: nothing reached the backend; xlb's counters: {:?}",
+            path.dataplane.counters.all_global()?
+        );
+        if program == NodeProgram::Xlb {
+            let redirected = path.xlb_counter(Counter::Redirect)? - forwarded;
+            // The node's kernel talks on the link too (IPv6 neighbour
+            // discovery, MLD): a few frames of slack.
+            ensure!(
+                redirected + STRAY_FRAMES >= delivered,
+                "xlb redirected {redirected} packets but the backend counted {delivered}"
+            );
+        }
+        results.push(CaseResult {
+            program,
+            flows_kind,
+            flows,
+            sent: report.sent,
+            delivered,
+            loss: report.sent.saturating_sub(delivered),
+            seconds: elapsed.as_secs_f64(),
+            sent_pps: report.rate(),
+            delivered_pps: delivered as f64 / elapsed.as_secs_f64(),
+        });
+    }
+    let xlb = results.pop().context("the xlb case")?;
+    let floor = results.pop().context("the floor case")?;
+    Ok((floor, xlb))
+}
+
+/// The same flows through connection tables of several sizes. The flows
+/// touch as many cache lines whatever the size, but a larger table spreads
+/// them over more 4 KiB pages (BPF maps are vmalloc'ed page by page), so
+/// what changes with the size is the TLB misses per packet.
+fn sweep_tables(args: &Args, seconds: f64) -> Result<Vec<TableCase>> {
+    println!("the same {SWEEP_FLOWS} flows by connection-table size:");
+    println!(
+        "{:<12} {:>10} {:>12} {:>12} {:>7}",
+        "flows", "table", "floor Mpps", "xlb Mpps", "ratio"
+    );
+    let mut sweep = Vec::new();
+    for conntrack_size in TABLE_SWEEP {
+        let limits = Limits {
+            conntrack_size,
+            ..Limits::default()
+        };
+        let mut path = LivePath::with_limits("bench-live-table", limits)?;
+        for (flows_kind, kind) in KINDS {
+            let (floor, xlb) = measure(&mut path, kind, flows_kind, SWEEP_FLOWS, args, seconds)?;
+            let case = TableCase {
+                conntrack_size,
+                flows_kind,
+                flows: SWEEP_FLOWS,
+                xlb_pps: xlb.delivered_pps,
+                floor_pps: floor.delivered_pps,
+                ratio: xlb.delivered_pps / floor.delivered_pps,
+            };
+            println!(
+                "{:<12} {:>10} {:>12.3} {:>12.3} {:>7.2}",
+                flows_kind,
+                conntrack_size,
+                case.floor_pps / 1e6,
+                case.xlb_pps / 1e6,
+                case.ratio
+            );
+            sweep.push(case);
+        }
+    }
+    Ok(sweep)
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -363,63 +490,12 @@ pub fn run(args: &Args) -> Result<()> {
         "{:<12} {:>7} {:>12} {:>12} {:>10} {:>7}",
         "flows", "count", "floor Mpps", "xlb Mpps", "xlb loss", "ratio"
     );
-    for (flows_kind, kind) in [("established", Kind::TcpAck), ("new", Kind::TcpSyn)] {
+    for (flows_kind, kind) in KINDS {
         for &flows in &flow_counts {
-            let packets = path.packets(kind, flows, args.size);
-            let mut pair = [0.0f64; 2];
-            let mut xlb_loss = 0;
-            for (i, program) in [NodeProgram::Floor, NodeProgram::Xlb]
-                .into_iter()
-                .enumerate()
-            {
-                path.use_program(program)?;
-                if program == NodeProgram::Xlb && kind == Kind::TcpAck {
-                    // Puts every flow in the connection table first.
-                    path.send(
-                        packets.clone(),
-                        Limit::Count(u64::from(flows)),
-                        1,
-                        Some(200_000),
-                    )?;
-                }
-                let forwarded = path.xlb_counter(Counter::Redirect)?;
-                let start = Instant::now();
-                let (report, delivered) = path.send(
-                    packets.clone(),
-                    Limit::Duration(Duration::from_secs_f64(seconds)),
-                    args.threads,
-                    None,
-                )?;
-                let elapsed = report.elapsed.max(start.elapsed() / 2);
-                ensure!(
-                    delivered > 0,
-                    "{program:?}: nothing reached the backend; xlb's counters: {:?}",
-                    path.dataplane.counters.all_global()?
-                );
-                if program == NodeProgram::Xlb {
-                    let redirected = path.xlb_counter(Counter::Redirect)? - forwarded;
-                    // The node's kernel talks on the link too (IPv6
-                    // neighbour discovery, MLD): a few frames of slack.
-                    ensure!(
-                        redirected + STRAY_FRAMES >= delivered,
-                        "xlb redirected {redirected} packets but the backend counted {delivered}"
-                    );
-                    xlb_loss = report.sent.saturating_sub(delivered);
-                }
-                let result = CaseResult {
-                    program,
-                    flows_kind,
-                    flows,
-                    sent: report.sent,
-                    delivered,
-                    loss: report.sent.saturating_sub(delivered),
-                    seconds: elapsed.as_secs_f64(),
-                    sent_pps: report.rate(),
-                    delivered_pps: delivered as f64 / elapsed.as_secs_f64(),
-                };
-                pair[i] = result.delivered_pps;
-                cases.push(result);
-            }
+            let (floor, xlb) = measure(&mut path, kind, flows_kind, flows, args, seconds)?;
+            let pair = [floor.delivered_pps, xlb.delivered_pps];
+            let xlb_loss = xlb.loss;
+            cases.extend([floor, xlb]);
             let ratio = pair[1] / pair[0];
             println!(
                 "{:<12} {:>7} {:>12.3} {:>12.3} {:>10} {:>7.2}",
@@ -439,6 +515,8 @@ pub fn run(args: &Args) -> Result<()> {
             });
         }
     }
+    drop(path);
+    let table_sweep = sweep_tables(args, seconds)?;
     let at_100k: Vec<&Comparison> = comparisons.iter().filter(|c| c.flows == 100_000).collect();
     let target_met = at_100k.iter().all(|c| c.ratio >= 0.7);
     for c in &at_100k {
@@ -484,6 +562,7 @@ pub fn run(args: &Args) -> Result<()> {
             target_met,
             cases,
             comparisons,
+            table_sweep,
             machine,
         },
     )?;
