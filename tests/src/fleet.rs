@@ -11,14 +11,12 @@
 
 use std::{
     collections::BTreeMap,
-    ffi::{CString, OsString},
+    ffi::OsString,
     fs,
     io::{self, Read as _, Write as _},
     net::{IpAddr, Ipv4Addr},
-    os::unix::ffi::OsStrExt as _,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -30,6 +28,13 @@ use xlb::{
     api::{Client, Request, Response, Status},
     dataplane::Limits,
     topology::{Bridge, Host, LinkOpts, Spawned, Topology},
+};
+
+use crate::{
+    bpffs::{BpfFs, pinned},
+    daemon::await_ready,
+    scratch::Scratch,
+    teardown::Teardown,
 };
 
 pub const STORE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 50);
@@ -65,8 +70,8 @@ pub struct Fleet {
     pub store: Host,
     fabric: Bridge,
     topology: Topology,
-    bpffs: PathBuf,
-    scratch: PathBuf,
+    bpffs: BpfFs,
+    scratch: Scratch,
     /// The `xlb` command line: a program and the arguments it needs first.
     xlb: Vec<OsString>,
     etcd_starts: u32,
@@ -89,16 +94,8 @@ impl Fleet {
         limits: Limits,
         extra: &str,
     ) -> Fleet {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let scratch = std::env::temp_dir().join(format!(
-            "xlb-fleet-{}-{}-{tag}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&scratch);
-        fs::create_dir_all(&scratch).expect("creating the scratch directory");
-        let bpffs = scratch.join("bpf");
-        mount_bpffs(&bpffs);
+        let scratch = Scratch::new("fleet", tag);
+        let bpffs = BpfFs::at(scratch.dir.join("bpf"));
         let topology = Topology::new(&format!("fleet-{tag}")).expect("topology");
         let fabric = topology.bridge("fabric").expect("fabric");
         let store = topology.host("store").expect("store host");
@@ -134,10 +131,10 @@ impl Fleet {
                         .names("eth0", format!("port-n{i}")),
                 )
                 .expect("linking a node");
-            let dir = fleet.scratch.join(format!("n{i}"));
+            let dir = fleet.scratch.dir.join(format!("n{i}"));
             fs::create_dir_all(&dir).expect("node directory");
             let socket = dir.join("xlb.sock");
-            let pin_dir = fleet.bpffs.join(format!("n{i}"));
+            let pin_dir = fleet.bpffs.path().join(format!("n{i}"));
             let config = dir.join("xlb.toml");
             fs::write(
                 &config,
@@ -198,8 +195,12 @@ impl Fleet {
     pub fn start_etcd(&mut self) {
         assert!(self.etcd.is_none(), "etcd runs already");
         self.etcd_starts += 1;
-        let log = fs::File::create(self.scratch.join(format!("etcd-{}.log", self.etcd_starts)))
-            .expect("etcd log");
+        let log = fs::File::create(
+            self.scratch
+                .dir
+                .join(format!("etcd-{}.log", self.etcd_starts)),
+        )
+        .expect("etcd log");
         let client = Self::endpoint();
         let peer = format!("http://{STORE_ADDR}:2380");
         let mut command = self.store.command("etcd");
@@ -207,7 +208,7 @@ impl Fleet {
             .arg("--name=store")
             .arg(format!(
                 "--data-dir={}",
-                self.scratch.join("etcd").display()
+                self.scratch.dir.join("etcd").display()
             ))
             .arg(format!("--listen-client-urls={client}"))
             .arg(format!("--advertise-client-urls={client}"))
@@ -252,28 +253,15 @@ impl Fleet {
             .stdout(log.try_clone().expect("daemon log"))
             .stderr(log);
         let process = node.host.spawn(&mut command).expect("starting xlb run");
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = process.try_wait().expect("polling the daemon") {
-                panic!(
-                    "node {i}: xlb run exited at start ({status}):\n{}",
-                    self.logs()
-                );
-            }
-            if Client::connect(&node.socket)
-                .and_then(|mut c| c.call(&Request::Status))
-                .is_ok()
-            {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node {i} did not answer:\n{}",
-                self.logs()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-        node.process = Some(process);
+        let socket = node.socket.clone();
+        await_ready(
+            &format!("node {i}: xlb run"),
+            &process,
+            &socket,
+            PATIENCE,
+            || self.logs(),
+        );
+        self.nodes[i].process = Some(process);
     }
 
     /// SIGTERM to node `i`'s daemon, waiting (a while) for it to exit.
@@ -416,22 +404,18 @@ impl Fleet {
 
     /// Runs the command line against node `i`.
     pub fn xlb(&self, i: usize, args: &[&str]) -> Output {
-        Command::new(&self.xlb[0])
-            .args(&self.xlb[1..])
-            .arg("--socket")
-            .arg(&self.nodes[i].socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("running xlb")
+        self.run_xlb(Command::new(&self.xlb[0]), i, args)
     }
 
     /// Runs the command line inside node `i`'s namespace (where etcd can
     /// be reached).
     pub fn xlb_inside(&self, i: usize, args: &[&str]) -> Output {
-        self.nodes[i]
-            .host
-            .command(&self.xlb[0])
+        self.run_xlb(self.nodes[i].host.command(&self.xlb[0]), i, args)
+    }
+
+    /// `command` (the `xlb` program) with `args` against node `i`.
+    fn run_xlb(&self, mut command: Command, i: usize, args: &[&str]) -> Output {
+        command
             .args(&self.xlb[1..])
             .arg("--socket")
             .arg(&self.nodes[i].socket)
@@ -514,8 +498,8 @@ impl Fleet {
             out.push_str(&fs::read_to_string(&node.log).unwrap_or_default());
         }
         for k in 1..=self.etcd_starts {
-            let log =
-                fs::read_to_string(self.scratch.join(format!("etcd-{k}.log"))).unwrap_or_default();
+            let log = fs::read_to_string(self.scratch.dir.join(format!("etcd-{k}.log")))
+                .unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(10).collect();
             out.push_str(&format!("--- etcd run {k} (last lines):\n"));
             for line in tail.into_iter().rev() {
@@ -540,29 +524,9 @@ impl Fleet {
                 stop(process);
             }
         }
-        let prefix = self.topology.prefix().to_owned();
-        let (mount, dir) = (self.bpffs.clone(), self.scratch.clone());
+        let teardown = Teardown::of(&self.topology, &self.bpffs, &self.scratch, pids);
         drop(self);
-        assert_eq!(
-            Topology::leftovers(&prefix).expect("listing namespaces"),
-            Vec::<String>::new()
-        );
-        let mounts = fs::read_to_string("/proc/self/mounts").expect("mounts");
-        assert!(
-            !mounts
-                .lines()
-                .any(|l| l.split(' ').nth(1) == mount.to_str()),
-            "{} is still mounted",
-            mount.display()
-        );
-        assert!(!dir.exists(), "{} is still there", dir.display());
-        for pid in pids {
-            // SAFETY: signal 0 only checks that the process exists.
-            assert!(
-                unsafe { libc::kill(pid as libc::pid_t, 0) } != 0,
-                "{pid} still runs"
-            );
-        }
+        teardown.assert_clean();
     }
 }
 
@@ -582,48 +546,7 @@ impl Drop for Fleet {
             drop(node.process.take());
         }
         drop(self.etcd.take());
-        let target = CString::new(self.bpffs.as_os_str().as_bytes()).expect("mount point");
-        // SAFETY: a NUL-terminated path that outlives the call. Lazily, so
-        // that a descriptor still open does not keep it mounted.
-        if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
-            eprintln!(
-                "umount {}: {}",
-                self.bpffs.display(),
-                io::Error::last_os_error()
-            );
-        }
-        if let Err(err) = fs::remove_dir_all(&self.scratch) {
-            eprintln!("removing {}: {err}", self.scratch.display());
-        }
     }
-}
-
-fn mount_bpffs(at: &Path) {
-    fs::create_dir_all(at).expect("creating the bpffs mount point");
-    let target = CString::new(at.as_os_str().as_bytes()).expect("mount point path");
-    // SAFETY: NUL-terminated strings that outlive the call; bpffs takes no
-    // data.
-    let rc = unsafe {
-        libc::mount(
-            c"bpf".as_ptr(),
-            target.as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "mount -t bpf bpf {}: {}",
-        at.display(),
-        io::Error::last_os_error()
-    );
-}
-
-fn pinned(pin_dir: &Path, name: &str) -> MapData {
-    MapData::from_pin(pin_dir.join(name))
-        .unwrap_or_else(|err| panic!("opening the pinned {name}: {err}"))
 }
 
 /// Every VIP's ring in a node's pinned maps, by backend address.
@@ -647,37 +570,4 @@ pub fn read_rings(pin_dir: &Path) -> Rings {
         out.insert(key, (info.ring_size, info.flags, ring));
     }
     out
-}
-
-/// `promtool check metrics` finds nothing to say about `exposition`.
-pub fn promtool_check(exposition: &str) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("running promtool (Debian's prometheus package; `cargo xtask setup` installs it)");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(exposition.as_bytes())
-        .expect("feeding promtool");
-    let out = child.wait_with_output().expect("promtool");
-    assert!(
-        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
-        "promtool check metrics: {}\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The value of the unlabelled sample `name` in an exposition.
-pub fn sample(exposition: &str, name: &str) -> Option<f64> {
-    exposition.lines().find_map(|line| {
-        let (metric, value) = line.split_once(' ')?;
-        (metric == name).then(|| value.trim().parse().ok())?
-    })
 }

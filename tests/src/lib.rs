@@ -19,6 +19,20 @@
 //! - [`counters`]: counter snapshots and deltas, to assert exactly which
 //!   counters a packet moved.
 //!
+//! The tests that run real `xlb run` daemons in namespaces share:
+//!
+//! - [`scratch`]: [`scratch::Scratch`], a test's own directory, and
+//!   [`bpffs`]: [`bpffs::BpfFs`], a test's own bpffs (on a fresh directory
+//!   or inside its scratch directory) with reads of the maps pinned in it;
+//!   both removed on drop, also while a failed test unwinds.
+//! - [`daemon`]: [`daemon::await_ready`], the wait for a started `xlb run`
+//!   to answer on its control socket.
+//! - [`teardown`]: [`teardown::Teardown`], the check that a dropped site
+//!   left no namespace, mount, directory or process behind.
+//! - [`plan`]: what the controller's reconcile step plans for a desired
+//!   state, to compare with what a daemon programmed.
+//! - [`exposition`]: the samples of a `/metrics` exposition, and `promtool
+//!   check metrics` on it.
 //! - [`fleet`]: [`fleet::Fleet`], a real etcd and several real `xlb run
 //!   --store etcd://...` daemons, each in its own namespace, and their maps.
 //!
@@ -28,12 +42,16 @@
 
 pub mod bpffs;
 pub mod counters;
+pub mod daemon;
 pub mod expect;
+pub mod exposition;
 pub mod fixture;
 pub mod fleet;
 pub mod packet;
+pub mod plan;
 pub mod scratch;
 pub mod stream;
+pub mod teardown;
 pub mod world;
 
 pub use counters::*;

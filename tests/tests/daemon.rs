@@ -5,7 +5,7 @@
 //! - [`cli_changes_reach_the_kernel_rings`]: every runtime change (VIPs,
 //!   clusters, backends, drain, weights) leaves in the pinned `VIPS`,
 //!   `RINGS` and `BACKENDS` maps exactly the rings that
-//!   [`Reconciler::plan`] computes here for the same desired state, and
+//!   [`Reconciler::plan`](xlb::reconcile::Reconciler::plan) computes here for the same desired state, and
 //!   every invalid request is refused with a one-line reason and changes
 //!   neither the maps nor the state file. `xlb detach` then takes all down.
 //! - [`restarts_under_a_packet_stream_lose_no_packet`]: UDP flows from a
@@ -37,19 +37,24 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData};
 use lb_common::{Backend as BackendEntry, Counter, VipInfo, VipKey, ip_from_addr, map_names};
 use xlb::{
     api::{Admin, Client, Request, Response, Status},
     config::{self, NodeConfig},
     dataplane::{AttachMode, Dataplane, Limits, Role},
-    reconcile::{NodeOptions, Plan, Reconciler},
     state::{AdminState, Affinity, Backend, Cluster, DesiredState, Proto, Vip},
     topology::{Host, LinkOpts, Topology},
 };
 use xlb_tests::{
-    Pacing, UdpStream, is_verdict, privileged,
-    scratch::{BpfFs, Scratch},
+    Pacing, UdpStream,
+    bpffs::{BpfFs, pinned, pinned_counters},
+    daemon::await_ready,
+    is_verdict,
+    plan::plan,
+    privileged,
+    scratch::Scratch,
+    teardown::Teardown,
 };
 
 const XLB: &str = env!("CARGO_BIN_EXE_xlb-for-tests");
@@ -78,18 +83,6 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("an address")
-}
-
-fn mounted(path: &Path) -> bool {
-    fs::read_to_string("/proc/self/mounts")
-        .expect("reading /proc/self/mounts")
-        .lines()
-        .any(|line| line.split(' ').nth(1) == Some(path.to_str().expect("utf-8 path")))
-}
-
-fn process_alive(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
 }
 
 // ---------------------------------------------------------------------------
@@ -138,7 +131,7 @@ struct SiteOptions<'a> {
 impl Site {
     fn build(opts: SiteOptions<'_>) -> Site {
         let scratch = Scratch::new("daemon", opts.tag);
-        let bpffs = BpfFs::mount(scratch.dir.join("bpf"));
+        let bpffs = BpfFs::at(scratch.dir.join("bpf"));
         let topology = Topology::new(&format!("daemon-{}", opts.tag)).expect("topology");
         let fabric = topology.bridge("fabric").expect("fabric");
         let host = |name: &str| {
@@ -237,7 +230,7 @@ impl Site {
         let config = dir.join("xlb.toml");
         let socket = dir.join("run/xlb.sock");
         let state_file = dir.join("state/state.toml");
-        let pin_dir = bpffs.mount.join("xlb");
+        let pin_dir = bpffs.pin_dir();
         let source_v6 = if opts.ipv6 {
             format!("source_v6 = \"{NODE_V6}\"\n")
         } else {
@@ -308,24 +301,13 @@ impl Site {
             .stderr(file);
         let process = self.node.spawn(&mut command).expect("starting xlb run");
         let daemon = Daemon { process, log };
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(status) = daemon.process.try_wait().expect("polling the daemon") {
-                panic!("xlb run exited at start ({status}):\n{}", daemon.log());
-            }
-            let ready = Client::connect(&self.socket)
-                .and_then(|mut client| client.call(&Request::Status))
-                .is_ok();
-            if ready {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "xlb run did not answer within {START_TIMEOUT:?}:\n{}",
-                daemon.log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+        await_ready(
+            "xlb run",
+            &daemon.process,
+            &self.socket,
+            START_TIMEOUT,
+            || daemon.log(),
+        );
         self.daemon = Some(daemon);
     }
 
@@ -447,19 +429,9 @@ impl Site {
             let (status, log) = self.stop();
             assert!(status.success(), "xlb run exited with {status}:\n{log}");
         }
-        let prefix = self.topology.prefix().to_owned();
-        let mount = self.bpffs.mount.clone();
-        let dir = self.scratch.dir.clone();
+        let teardown = Teardown::of(&self.topology, &self.bpffs, &self.scratch, pid);
         drop(self);
-        assert_eq!(
-            Topology::leftovers(&prefix).expect("listing namespaces"),
-            Vec::<String>::new()
-        );
-        assert!(!mounted(&mount), "{} is still mounted", mount.display());
-        assert!(!dir.exists(), "{} is still there", dir.display());
-        if let Some(pid) = pid {
-            assert!(!process_alive(pid), "the daemon {pid} still runs");
-        }
+        teardown.assert_clean();
     }
 }
 
@@ -507,11 +479,6 @@ struct Kernel {
     backends: BTreeMap<u32, BackendEntry>,
 }
 
-fn pinned(pin_dir: &Path, name: &str) -> MapData {
-    MapData::from_pin(pin_dir.join(name))
-        .unwrap_or_else(|err| panic!("opening the pinned {name}: {err}"))
-}
-
 fn read_kernel(pin_dir: &Path) -> Kernel {
     let vips: HashMap<MapData, VipKey, VipInfo> =
         HashMap::try_from(Map::HashMap(pinned(pin_dir, map_names::VIPS))).expect("VIPS");
@@ -538,35 +505,6 @@ fn read_kernel(pin_dir: &Path) -> Kernel {
         }
     }
     kernel
-}
-
-fn global_counters(pin_dir: &Path) -> BTreeMap<Counter, u64> {
-    let counters: PerCpuArray<MapData, u64> =
-        PerCpuArray::try_from(Map::PerCpuArray(pinned(pin_dir, map_names::COUNTERS)))
-            .expect("COUNTERS");
-    Counter::ALL
-        .iter()
-        .map(|c| {
-            let values = counters.get(&(*c as u32), 0).expect("reading COUNTERS");
-            (*c, values.iter().sum())
-        })
-        .collect()
-}
-
-/// What the controller's own reconcile step makes of `state`: the Maglev
-/// rings of the Maglev module, over the policy's weights.
-fn plan(node: &NodeConfig, state: &DesiredState) -> Plan {
-    Reconciler::new(
-        NodeOptions {
-            hash_seed: node.hash_seed,
-            policy: node.policy.clone(),
-        },
-        node.limits.max_vips,
-        node.limits.max_backends,
-        node.limits.ring_capacity,
-    )
-    .plan(state, &BTreeMap::new())
-    .expect("planning the model state")
 }
 
 /// A ring as the backend addresses its slots name: what Maglev decides,
@@ -1120,7 +1058,7 @@ fn restarts_under_a_packet_stream_lose_no_packet() {
         );
     }
 
-    let counters_before = global_counters(&site.pin_dir);
+    let counters_before = pinned_counters(&site.pin_dir);
     let arrived_before = decapsulated(&site);
     let stream = UdpStream::start(
         &site.client,
@@ -1152,7 +1090,7 @@ fn restarts_under_a_packet_stream_lose_no_packet() {
     let (sent, failed) = stream.stop();
     thread::sleep(Duration::from_millis(300));
 
-    let counters = global_counters(&site.pin_dir);
+    let counters = pinned_counters(&site.pin_dir);
     let verdicts = verdicts_since(&counters, &counters_before);
     let arrived: Vec<u64> = decapsulated(&site)
         .iter()

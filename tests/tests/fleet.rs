@@ -38,11 +38,12 @@ use xlb::{
     dataplane::Limits,
     etcd::StoreStatus,
     fleet_health::{FleetHealth, HealthValue},
-    reconcile::{NodeOptions, Reconciler},
     state::{AdminState, Backend, Cluster, DesiredState, Proto, Vip},
 };
 use xlb_tests::{
-    fleet::{Fleet, PREFIX, Rings, promtool_check, sample},
+    exposition::{promtool_check, sample},
+    fleet::{Fleet, PREFIX, Rings},
+    plan::plan,
     privileged,
 };
 
@@ -71,17 +72,7 @@ fn planned(fleet: &Fleet, state: &DesiredState) -> Rings {
     let node = config::load(&fleet.nodes[0].config)
         .expect("the fleet's config")
         .node;
-    let plan = Reconciler::new(
-        NodeOptions {
-            hash_seed: node.hash_seed,
-            policy: node.policy.clone(),
-        },
-        node.limits.max_vips,
-        node.limits.max_backends,
-        node.limits.ring_capacity,
-    )
-    .plan(state, &BTreeMap::new())
-    .expect("planning the expected state");
+    let plan = plan(&node, state);
     plan.vips
         .values()
         .map(|vip| {

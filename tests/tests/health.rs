@@ -33,10 +33,7 @@ use xlb::{
     health::{ProbeKind, ProbeSpec, ProbeTarget, ProbeVia, Reason, probe::probe},
     topology::{Host, LinkOpts, Topology},
 };
-use xlb_tests::{
-    privileged,
-    scratch::{BpfFs, Scratch},
-};
+use xlb_tests::{bpffs::BpfFs, privileged, scratch::Scratch};
 
 const XLB: &str = env!("CARGO_BIN_EXE_xlb-for-tests");
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -456,7 +453,7 @@ impl Site {
         more_vips: &str,
     ) -> Site {
         let scratch = Scratch::new("health", name);
-        let bpffs = BpfFs::mount(scratch.dir.join("bpf"));
+        let bpffs = BpfFs::at(scratch.dir.join("bpf"));
         let topology = Topology::new(&format!("health-{name}")).expect("topology");
         let fabric = topology.bridge("fabric").expect("fabric");
         let client = topology.host("client").expect("client");
@@ -565,7 +562,7 @@ impl Site {
                  {more_vips}",
                 socket.display(),
                 dir.join("state.toml").display(),
-                bpffs.mount.join("xlb").display(),
+                bpffs.pin_dir().display(),
             ),
         )
         .expect("writing the config");

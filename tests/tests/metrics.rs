@@ -23,29 +23,34 @@
 
 use std::{
     collections::BTreeMap,
-    ffi::CString,
     fs,
     io::{self, Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     os::{
         fd::{FromRawFd, OwnedFd},
-        unix::{ffi::OsStrExt as _, process::CommandExt as _},
+        unix::process::CommandExt as _,
     },
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
 use aya::maps::{Array, Map, MapData, PerCpuArray};
-use lb_common::{Counter, FlowSet, Traffic, map_names};
+use lb_common::{FlowSet, Traffic, map_names};
 use xlb::{
     api::{Client, Request, Response, Status},
     dataplane::{AttachMode, Dataplane, Limits, Role},
     topology::{Host, LinkOpts, Spawned, Topology},
 };
-use xlb_tests::{Pacing, UdpStream, privileged};
+use xlb_tests::{
+    Pacing, UdpStream,
+    bpffs::{BpfFs, pinned, pinned_counters},
+    daemon::await_ready,
+    exposition::{Exposition, promtool_check},
+    privileged,
+    scratch::Scratch,
+};
 
 const XLB: &str = env!("CARGO_BIN_EXE_xlb-for-tests");
 
@@ -98,59 +103,6 @@ backend.e1 = { addr = \"198.18.0.11\" }
 // The site: a client, the xlb node and two decapsulating backends on one
 // bridge, a scratch directory and a private bpffs; all removed on drop.
 
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(test: &str) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "xlb-metrics-{}-{}-{test}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("creating the scratch directory");
-        Self(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if let Err(err) = fs::remove_dir_all(&self.0) {
-            eprintln!("removing {}: {err}", self.0.display());
-        }
-    }
-}
-
-struct BpfFs(PathBuf);
-
-impl BpfFs {
-    fn mount(at: PathBuf) -> Self {
-        fs::create_dir_all(&at).expect("creating the bpffs mount point");
-        let target = CString::new(at.as_os_str().as_bytes()).expect("mount point path");
-        // SAFETY: NUL-terminated strings that outlive the call.
-        let rc = unsafe {
-            libc::mount(
-                c"bpf".as_ptr(),
-                target.as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        assert_eq!(rc, 0, "mount bpffs: {}", io::Error::last_os_error());
-        Self(at)
-    }
-}
-
-impl Drop for BpfFs {
-    fn drop(&mut self) {
-        let target = CString::new(self.0.as_os_str().as_bytes()).expect("mount point path");
-        // SAFETY: a NUL-terminated path that outlives the call.
-        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-    }
-}
-
 /// Fields drop in order: processes, programs, namespaces, mount, files.
 struct Site {
     daemon: Option<Spawned>,
@@ -169,8 +121,8 @@ struct Site {
 
 impl Site {
     fn build(tag: &str, extra_config: &str) -> Site {
-        let scratch = Scratch::new(tag);
-        let bpffs = BpfFs::mount(scratch.0.join("bpf"));
+        let scratch = Scratch::new("metrics", tag);
+        let bpffs = BpfFs::at(scratch.dir.join("bpf"));
         let topology = Topology::new(&format!("metrics-{tag}")).expect("topology");
         let fabric = topology.bridge("fabric").expect("fabric");
         let host = |name: &str| {
@@ -247,10 +199,10 @@ impl Site {
                 (dp, host)
             })
             .collect();
-        let dir = &scratch.0;
+        let dir = &scratch.dir;
         let config = dir.join("xlb.toml");
         let socket = dir.join("xlb.sock");
-        let pin_dir = bpffs.0.join("xlb");
+        let pin_dir = bpffs.pin_dir();
         fs::write(
             &config,
             format!(
@@ -285,7 +237,7 @@ impl Site {
     }
 
     fn log_path(&self) -> PathBuf {
-        self.scratch.0.join("daemon.log")
+        self.scratch.dir.join("daemon.log")
     }
 
     fn log(&self) -> String {
@@ -304,21 +256,7 @@ impl Site {
             .stdout(file.try_clone().expect("log file"))
             .stderr(file);
         let daemon = self.node.spawn(&mut command).expect("starting xlb run");
-        let deadline = Instant::now() + DEADLINE;
-        while Client::connect(&self.socket)
-            .and_then(|mut c| c.call(&Request::Status))
-            .is_err()
-        {
-            if let Some(status) = daemon.try_wait().expect("polling the daemon") {
-                panic!("xlb run exited at start ({status}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "xlb run did not answer:\n{}",
-                self.log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+        await_ready("xlb run", &daemon, &self.socket, DEADLINE, || self.log());
         self.daemon = Some(daemon);
     }
 
@@ -432,10 +370,6 @@ impl Site {
 // ---------------------------------------------------------------------------
 // The maps, read from the pins; the exposition, parsed.
 
-fn pinned(pin_dir: &Path, name: &str) -> MapData {
-    MapData::from_pin(pin_dir.join(name)).unwrap_or_else(|err| panic!("pinned {name}: {err}"))
-}
-
 fn per_cpu_traffic(pin_dir: &Path, name: &str, id: u32) -> Traffic {
     let map: PerCpuArray<MapData, Traffic> =
         PerCpuArray::try_from(Map::PerCpuArray(pinned(pin_dir, name))).expect(name);
@@ -444,16 +378,6 @@ fn per_cpu_traffic(pin_dir: &Path, name: &str, id: u32) -> Traffic {
         total.add(value);
     }
     total
-}
-
-fn map_counters(pin_dir: &Path) -> BTreeMap<Counter, u64> {
-    let map: PerCpuArray<MapData, u64> =
-        PerCpuArray::try_from(Map::PerCpuArray(pinned(pin_dir, map_names::COUNTERS)))
-            .expect("COUNTERS");
-    Counter::ALL
-        .iter()
-        .map(|c| (*c, map.get(&(*c as u32), 0).expect("COUNTERS").iter().sum()))
-        .collect()
 }
 
 fn conntrack_entries(pin_dir: &Path) -> u64 {
@@ -465,71 +389,6 @@ fn conntrack_entries(pin_dir: &Path) -> u64 {
             set.ways.iter().filter(|e| e.fingerprint != 0).count() as u64
         })
         .sum()
-}
-
-/// Samples of a text exposition: metric name and labels → value.
-struct Exposition(BTreeMap<(String, BTreeMap<String, String>), f64>);
-
-impl Exposition {
-    fn parse(text: &str) -> Self {
-        let mut samples = BTreeMap::new();
-        for line in text
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-        {
-            let (series, value) = line.rsplit_once(' ').expect("`series value`");
-            let (name, labels) = match series.split_once('{') {
-                Some((name, rest)) => (name, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            let labels = labels
-                .split(',')
-                .filter(|l| !l.is_empty())
-                .map(|pair| {
-                    let (k, v) = pair.split_once('=').expect("label=value");
-                    (k.to_owned(), v.trim_matches('"').to_owned())
-                })
-                .collect();
-            samples.insert((name.to_owned(), labels), value.parse().expect("a number"));
-        }
-        Self(samples)
-    }
-
-    #[track_caller]
-    fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let labels: BTreeMap<String, String> = labels
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
-        *self
-            .0
-            .get(&(name.to_owned(), labels.clone()))
-            .unwrap_or_else(|| panic!("no sample {name}{labels:?}"))
-    }
-}
-
-fn promtool_check(exposition: &str) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("running promtool (Debian's prometheus package; `cargo xtask setup` installs it)");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(exposition.as_bytes())
-        .expect("feeding promtool");
-    let out = child.wait_with_output().expect("promtool");
-    assert!(
-        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
-        "promtool check metrics: {}\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 // ---------------------------------------------------------------------------
@@ -628,7 +487,7 @@ fn metrics_equal_the_maps_after_known_traffic() {
         clusters[&("web".into(), "east".into())] > 0
             && clusters[&("web".into(), "west".into())] > 0
     );
-    for (counter, value) in map_counters(&site.pin_dir) {
+    for (counter, value) in pinned_counters(&site.pin_dir) {
         let sample = match xlb::metrics::verdict_of(counter) {
             Some(program) => metrics.get(
                 "xlb_verdict_packets_total",
@@ -705,8 +564,8 @@ fn prometheus_scrapes_a_rate_for_the_vip() {
     site.start(&[]);
     site.wait_until_forwarding();
 
-    let data = site.scratch.0.join("prometheus");
-    let prom_config = site.scratch.0.join("prometheus.yml");
+    let data = site.scratch.dir.join("prometheus");
+    let prom_config = site.scratch.dir.join("prometheus.yml");
     fs::write(
         &prom_config,
         format!(
@@ -715,7 +574,7 @@ fn prometheus_scrapes_a_rate_for_the_vip() {
         ),
     )
     .expect("writing the Prometheus config");
-    let log = fs::File::create(site.scratch.0.join("prometheus.log")).expect("log");
+    let log = fs::File::create(site.scratch.dir.join("prometheus.log")).expect("log");
     let mut command = site.node.command("prometheus");
     command
         .arg(format!("--config.file={}", prom_config.display()))
@@ -762,7 +621,7 @@ fn prometheus_scrapes_a_rate_for_the_vip() {
         assert!(
             Instant::now() < deadline,
             "Prometheus has no rate for the VIP: {rates:?}\n{}",
-            fs::read_to_string(site.scratch.0.join("prometheus.log")).unwrap_or_default()
+            fs::read_to_string(site.scratch.dir.join("prometheus.log")).unwrap_or_default()
         );
         thread::sleep(Duration::from_millis(500));
     };
@@ -977,8 +836,8 @@ fn the_dashboard_queries_parse_and_name_exported_metrics() {
         .collect();
     assert!(exprs.len() >= 15, "{exprs:?}");
 
-    let scratch = Scratch::new("dashboard");
-    let rules = scratch.0.join("rules.yml");
+    let scratch = Scratch::new("metrics", "dashboard");
+    let rules = scratch.dir.join("rules.yml");
     let mut yaml = String::from("groups:\n  - name: dashboard\n    rules:\n");
     for (i, expr) in exprs.iter().enumerate() {
         yaml.push_str(&format!(
