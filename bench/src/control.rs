@@ -153,9 +153,7 @@ fn measure(vips: u32, backends: u32, runs: usize) -> Result<Case> {
             hash_seed: SEED,
             ..NodeOptions::default()
         },
-        limits.max_vips,
-        limits.max_backends,
-        limits.ring_capacity,
+        &limits,
     );
     let state = desired(vips, backends, ring);
     let healthy: BTreeMap<IpAddr, Health> = BTreeMap::new();

@@ -248,9 +248,7 @@ fn transition_latency(args: &Args) -> Result<LatencyReport> {
             hash_seed: 0x786c_6221,
             policy: PolicyOptions::default(),
         },
-        limits.max_vips,
-        limits.max_backends,
-        limits.ring_capacity,
+        &limits,
     );
     let mut vip = Vip::new("web", "198.18.100.1".parse()?, 80, Proto::Tcp);
     vip.ring_size = ring_size;

@@ -64,7 +64,7 @@ use crate::{
     health::{HealthBoard, ProbeConfig, ProbeTarget, Prober, prober::DEFAULT_IN_FLIGHT},
     metrics::{self, MetricsError, MetricsServer, Stats, Telemetry},
     policy::{self, Locality, Mode, Shares},
-    reconcile::{NodeOptions, Plan, PlannedBackend, PlannedVip, ReconcileError, Reconciler},
+    reconcile::{Plan, PlannedBackend, PlannedVip, ReconcileError, Reconciler},
     state::{AdminState, Backend, Cluster, DesiredState, Health, Vip},
 };
 
@@ -301,15 +301,7 @@ pub async fn serve(
         .settings
         .set(node.settings())
         .map_err(dp_err("writing the settings"))?;
-    let mut reconciler = Reconciler::new(
-        NodeOptions {
-            hash_seed: node.hash_seed,
-            policy: node.policy.clone(),
-        },
-        node.limits.max_vips,
-        node.limits.max_backends,
-        node.limits.ring_capacity,
-    );
+    let mut reconciler = Reconciler::for_node(&node);
     if !dataplane.reused_maps().is_empty() {
         let programmed = tokio::task::block_in_place(|| programmed_in_maps(&dataplane, &desired))
             .map_err(dp_err("reading back the pinned maps"))?;

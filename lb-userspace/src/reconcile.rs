@@ -32,7 +32,8 @@ use lb_common::{
 };
 
 use crate::{
-    dataplane::{Dataplane, DataplaneError},
+    config::NodeConfig,
+    dataplane::{Dataplane, DataplaneError, Limits},
     maglev::{self, MaglevError, Member},
     policy::{self, PolicyOptions, Shares},
     state::{AdminState, Affinity, DesiredState, Health},
@@ -145,17 +146,28 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    pub fn new(options: NodeOptions, max_vips: u32, max_backends: u32, ring_capacity: u32) -> Self {
+    /// Ids and ring places are handed out within the data plane's `limits`.
+    pub fn new(options: NodeOptions, limits: &Limits) -> Self {
         Self {
             options,
-            max_vips,
-            max_backends,
-            ring_capacity,
+            max_vips: limits.max_vips,
+            max_backends: limits.max_backends,
+            ring_capacity: limits.ring_capacity,
             vip_ids: BTreeMap::new(),
             backend_ids: BTreeMap::new(),
             ring_places: BTreeMap::new(),
             programmed: Plan::default(),
         }
+    }
+
+    /// The reconciler of a node configured as `node`: every node given the
+    /// same configuration plans the same rings.
+    pub fn for_node(node: &NodeConfig) -> Self {
+        let options = NodeOptions {
+            hash_seed: node.hash_seed,
+            policy: node.policy.clone(),
+        };
+        Self::new(options, &node.limits)
     }
 
     /// What is programmed now.
@@ -453,6 +465,13 @@ mod tests {
     use super::*;
     use crate::state::{Backend, Cluster, Proto, Vip};
 
+    const TEST_LIMITS: Limits = Limits {
+        max_vips: 16,
+        max_backends: 64,
+        ring_capacity: 65537 * 4,
+        conntrack_size: 1024,
+    };
+
     fn addr(last: u8) -> IpAddr {
         IpAddr::V4(Ipv4Addr::new(198, 18, 1, last))
     }
@@ -482,7 +501,7 @@ mod tests {
     }
 
     fn reconciler() -> Reconciler {
-        Reconciler::new(NodeOptions::default(), 16, 64, 65537 * 4)
+        Reconciler::new(NodeOptions::default(), &TEST_LIMITS)
     }
 
     fn slot_share(plan: &Plan, vip: &str, backend: IpAddr) -> f64 {
@@ -565,7 +584,7 @@ mod tests {
         let health: BTreeMap<_, _> = [1, 2, 3, 11, 12].map(|l| (addr(l), Health::Down)).into();
         let mut options = NodeOptions::default();
         options.policy.panic_threshold = 0.0;
-        let plan = Reconciler::new(options, 16, 64, 65537 * 4)
+        let plan = Reconciler::new(options, &TEST_LIMITS)
             .plan(&state(), &health)
             .expect("plan");
         assert!(plan.vips["web"].ring.is_empty());

@@ -5,22 +5,14 @@ use std::collections::BTreeMap;
 
 use xlb::{
     config::NodeConfig,
-    reconcile::{NodeOptions, Plan, Reconciler},
+    reconcile::{Plan, Reconciler},
     state::DesiredState,
 };
 
 /// The Maglev rings of the Maglev module over the policy's weights, for
 /// `state` on a node configured as `node`, every backend healthy.
 pub fn plan(node: &NodeConfig, state: &DesiredState) -> Plan {
-    Reconciler::new(
-        NodeOptions {
-            hash_seed: node.hash_seed,
-            policy: node.policy.clone(),
-        },
-        node.limits.max_vips,
-        node.limits.max_backends,
-        node.limits.ring_capacity,
-    )
-    .plan(state, &BTreeMap::new())
-    .expect("planning the model state")
+    Reconciler::for_node(node)
+        .plan(state, &BTreeMap::new())
+        .expect("planning the model state")
 }

@@ -94,12 +94,7 @@ fn the_kernel_holds_the_plan_and_changes_write_only_the_difference() {
     let dir = bpffs.pin_dir();
     let mut dp = Dataplane::load_pinned(LIMITS, &dir).expect("loading the data plane");
     assert_eq!(dp.rings.writes(), RingWrites::Mapped);
-    let mut reconciler = Reconciler::new(
-        NodeOptions::default(),
-        LIMITS.max_vips,
-        LIMITS.max_backends,
-        LIMITS.ring_capacity,
-    );
+    let mut reconciler = Reconciler::new(NodeOptions::default(), &LIMITS);
     let healthy = BTreeMap::new();
 
     let plan = reconciler.plan(&site(1), &healthy).expect("plan");
