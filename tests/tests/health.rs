@@ -696,6 +696,12 @@ fn backend_view<'a>(status: &'a Status, name: &str) -> &'a BackendView {
         .expect("the backend in status")
 }
 
+/// The reason its probe gave for the backend's last change of health.
+fn last_transition<'a>(status: &'a Status, name: &str) -> Option<&'a str> {
+    let probe = backend_view(status, name).probe.as_ref();
+    probe.expect("a probed backend").last_transition.as_deref()
+}
+
 fn is(status: &Status, name: &str, health: HealthState) -> bool {
     backend_view(status, name).health == health
 }
@@ -789,15 +795,7 @@ fn failed_backends_and_clusters_leave_the_rings_and_come_back() {
     // It comes back after rise probes.
     site.backend("e1").start();
     let up = site.wait("e1 up", |s| is(s, "e1", HealthState::Up));
-    assert_eq!(
-        backend_view(&up, "e1")
-            .probe
-            .as_ref()
-            .unwrap()
-            .last_transition
-            .as_deref(),
-        Some("up (passed)")
-    );
+    assert_eq!(last_transition(&up, "e1"), Some("up (passed)"));
     assert_eq!(shares(&up), initial, "shares are back to the weights");
     let back = site.connect(80);
     assert!(
@@ -978,8 +976,7 @@ fn via_vip_probes_reach_the_vip_on_each_backend_through_the_tunnel() {
     let down = site.wait("e1 down through the VIP", |s| {
         is(s, "e1", HealthState::Down)
     });
-    let e1 = backend_view(&down, "e1").probe.clone().unwrap();
-    assert_eq!(e1.last_transition.as_deref(), Some("down (refused)"));
+    assert_eq!(last_transition(&down, "e1"), Some("down (refused)"));
     assert_eq!(backend_view(&down, "e2").health, HealthState::Up);
     let only_e2 = site.connect(20);
     assert_eq!(only_e2.keys().collect::<Vec<_>>(), ["e2"], "{only_e2:?}");
@@ -987,15 +984,7 @@ fn via_vip_probes_reach_the_vip_on_each_backend_through_the_tunnel() {
     // And it comes back when its server does.
     site.backend("e1").start();
     let up = site.wait("e1 up again", |s| is(s, "e1", HealthState::Up));
-    assert_eq!(
-        backend_view(&up, "e1")
-            .probe
-            .as_ref()
-            .unwrap()
-            .last_transition
-            .as_deref(),
-        Some("up (passed)")
-    );
+    assert_eq!(last_transition(&up, "e1"), Some("up (passed)"));
 
     let daemon = site.daemon.take().expect("daemon");
     // SAFETY: plain kill(2) of the child this test started.
