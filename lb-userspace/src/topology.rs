@@ -1504,8 +1504,15 @@ mod tests {
             // Ours, alive: must survive.
             format!("xlb.sweep.{me}.{my_start:x}.4000000000.h"),
         ]);
-        for n in &names.0 {
-            run(Command::new("ip").args(["netns", "add", n])).unwrap();
+        // Tests in other threads build topologies too, and their sweeps
+        // may remove a dead process's namespace while `ip netns add` is
+        // still making it; that add then fails, and the namespace is gone
+        // as the test wants. The live one is never swept: its add must work.
+        for (i, n) in names.0.iter().enumerate() {
+            let added = run(Command::new("ip").args(["netns", "add", n]));
+            if i == 2 || list_netns().unwrap().contains(n) {
+                added.unwrap();
+            }
         }
         let _topo = Topology::new("sweep").unwrap();
         let left = list_netns().unwrap();
