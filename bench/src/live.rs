@@ -435,10 +435,11 @@ fn measure(
     Ok((floor, xlb))
 }
 
-/// The same flows through connection tables of several sizes. The flows
-/// touch as many cache lines whatever the size, but a larger table spreads
-/// them over more 4 KiB pages (BPF maps are vmalloc'ed page by page), so
-/// what changes with the size is the TLB misses per packet.
+/// The same flows through connection tables of several sizes: a table
+/// with fewer sets than flows packs them into fewer cache lines, and a
+/// larger one spreads them over more 4 KiB pages (BPF maps are vmalloc'ed
+/// page by page), so the sweep shows what the table's memory footprint
+/// costs per packet.
 fn sweep_tables(args: &Args, seconds: f64) -> Result<Vec<TableCase>> {
     println!("the same {SWEEP_FLOWS} flows by connection-table size:");
     println!(
