@@ -1363,13 +1363,7 @@ impl Site {
     /// Fails several backends at once (see [`Site::fail_backend`]); those
     /// already down are left as they are. At least one backend stays up.
     pub fn fail_backends(&mut self, names: &[String]) -> Result<Detection, DemoError> {
-        let mut failing = Vec::new();
-        for name in names {
-            let index = self.backend_index(name)?;
-            if self.backends[index].up && !failing.contains(&index) {
-                failing.push(index);
-            }
-        }
+        let failing = self.backends_now(names, true)?;
         if failing.is_empty() {
             return Ok(Detection::default());
         }
@@ -1379,10 +1373,7 @@ impl Site {
                 names.join(", ")
             )));
         }
-        let names: Vec<String> = failing
-            .iter()
-            .map(|&i| self.backends[i].name.clone())
-            .collect();
+        let names = self.names_of(&failing);
         let slots = self.tcp_slots(&names)?;
         for &i in &failing {
             let backend = &mut self.backends[i];
@@ -1409,13 +1400,7 @@ impl Site {
     /// Brings several failed backends back at once (see
     /// [`Site::recover_backend`]); those up are left as they are.
     pub fn recover_backends(&mut self, names: &[String]) -> Result<Detection, DemoError> {
-        let mut recovering = Vec::new();
-        for name in names {
-            let index = self.backend_index(name)?;
-            if !self.backends[index].up && !recovering.contains(&index) {
-                recovering.push(index);
-            }
-        }
+        let recovering = self.backends_now(names, false)?;
         if recovering.is_empty() {
             return Ok(Detection::default());
         }
@@ -1429,13 +1414,30 @@ impl Site {
             )?);
             backend.up = true;
         }
-        let names: Vec<String> = recovering
-            .iter()
-            .map(|&i| self.backends[i].name.clone())
-            .collect();
+        let names = self.names_of(&recovering);
         let noticed = self.wait_for_health(&names, HealthState::Up, Instant::now())?;
         let slots = self.tcp_slots(&names)?;
         Ok(Detection { noticed, slots })
+    }
+
+    /// The indices of the named backends that are `up` (or down) now,
+    /// each once.
+    fn backends_now(&self, names: &[String], up: bool) -> Result<Vec<usize>, DemoError> {
+        let mut found = Vec::new();
+        for name in names {
+            let index = self.backend_index(name)?;
+            if self.backends[index].up == up && !found.contains(&index) {
+                found.push(index);
+            }
+        }
+        Ok(found)
+    }
+
+    fn names_of(&self, indices: &[usize]) -> Vec<String> {
+        indices
+            .iter()
+            .map(|&i| self.backends[i].name.clone())
+            .collect()
     }
 
     /// Drains a backend on every node, as an operator would with `xlb
