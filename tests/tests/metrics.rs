@@ -370,6 +370,19 @@ impl Site {
 // ---------------------------------------------------------------------------
 // The maps, read from the pins; the exposition, parsed.
 
+/// `{family}_packets_total`, `_bytes_total` and `_new_flows_total` with
+/// `labels` say exactly `traffic`.
+fn assert_traffic(metrics: &Exposition, family: &str, labels: &[(&str, &str)], traffic: Traffic) {
+    for (series, value) in [
+        ("packets", traffic.packets),
+        ("bytes", traffic.bytes),
+        ("new_flows", traffic.new_flows),
+    ] {
+        let name = format!("{family}_{series}_total");
+        assert_eq!(metrics.get(&name, labels), value as f64, "{name}{labels:?}");
+    }
+}
+
 fn per_cpu_traffic(pin_dir: &Path, name: &str, id: u32) -> Traffic {
     let map: PerCpuArray<MapData, Traffic> =
         PerCpuArray::try_from(Map::PerCpuArray(pinned(pin_dir, name))).expect(name);
@@ -424,19 +437,7 @@ fn metrics_equal_the_maps_after_known_traffic() {
     assert_eq!(web.packets - before.packets, (FLOWS * EACH) as u64);
     assert_eq!(web.new_flows - before.new_flows, FLOWS as u64);
     for (name, traffic) in [("web", web), ("idle", site.vip_traffic("idle"))] {
-        let vip = [("vip", name)];
-        assert_eq!(
-            metrics.get("xlb_vip_packets_total", &vip),
-            traffic.packets as f64
-        );
-        assert_eq!(
-            metrics.get("xlb_vip_bytes_total", &vip),
-            traffic.bytes as f64
-        );
-        assert_eq!(
-            metrics.get("xlb_vip_new_flows_total", &vip),
-            traffic.new_flows as f64
-        );
+        assert_traffic(&metrics, "xlb_vip", &[("vip", name)], traffic);
     }
     let mut clusters: BTreeMap<(String, String), u64> = BTreeMap::new();
     for vip in &status.vips {
@@ -451,18 +452,7 @@ fn metrics_equal_the_maps_after_known_traffic() {
                 ("cluster", &b.cluster),
                 ("backend", &b.name),
             ];
-            assert_eq!(
-                metrics.get("xlb_backend_packets_total", &labels),
-                t.packets as f64
-            );
-            assert_eq!(
-                metrics.get("xlb_backend_bytes_total", &labels),
-                t.bytes as f64
-            );
-            assert_eq!(
-                metrics.get("xlb_backend_new_flows_total", &labels),
-                t.new_flows as f64
-            );
+            assert_traffic(&metrics, "xlb_backend", &labels, t);
             assert_eq!(metrics.get("xlb_backend_up", &labels), 1.0);
             assert_eq!(
                 metrics.get("xlb_backend_ring_share_ratio", &labels),
