@@ -44,9 +44,14 @@ pub static NEXTHOPS: Array<NextHop> = Array::with_max_entries(DEFAULT_MAX_BACKEN
 
 /// The connection table, one array of sets shared by all CPUs (see
 /// `conntrack.rs`): a flow that moves to another CPU keeps its backend.
+/// Mmapable for where that puts the values: an array's values follow the
+/// kernel's `struct bpf_array` header (312 bytes on 6.18, so 56 bytes into
+/// a cache line), and every 64-byte set would straddle two lines: two
+/// misses for a new flow, and split stores. An mmapable array's values
+/// start on a page.
 #[map]
 pub static CONNTRACK: Array<FlowSet> =
-    Array::with_max_entries(DEFAULT_CONNTRACK_SIZE / FLOW_WAYS as u32, 0);
+    Array::with_max_entries(DEFAULT_CONNTRACK_SIZE / FLOW_WAYS as u32, BPF_F_MMAPABLE);
 
 #[map]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);

@@ -20,10 +20,13 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use aya::programs::{TestRun, TestRunOptions};
+use aya::{
+    maps::MapInfo,
+    programs::{TestRun, TestRunOptions},
+};
 use lb_common::{
-    BACKEND_F_UP, Backend, Counter, FLOW_WAYS, FlowKey, NEXTHOP_F_VALID, NextHop, PROTO_UDP,
-    Settings, VipInfo, VipKey, addr_from_ip, map_names,
+    BACKEND_F_UP, Backend, Counter, FLOW_WAYS, FlowKey, FlowSet, NEXTHOP_F_VALID, NextHop,
+    PROTO_UDP, Settings, VipInfo, VipKey, addr_from_ip, conntrack_sets, map_names,
 };
 use xlb::dataplane::{
     AttachMode, Dataplane, DataplaneError, Limits, RingWrites, Role, pinned_links, remove_pinned,
@@ -277,9 +280,12 @@ fn assert_new_flows_go_to(dp: &mut Dataplane, vip: &VipDef, id: u32, client_port
     assert_eq!(tracked(dp, &syn.flow()), Some(id), "the new flow's backend");
 }
 
-/// Pins at `path` an array map as xlb pinned `RINGS` before it was
-/// mmapable: same type and sizes, no `BPF_F_MMAPABLE`.
-fn pin_rings_without_mmap(path: &Path, entries: u32) {
+/// `BPF_F_MMAPABLE` (`include/uapi/linux/bpf.h`).
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// Pins at `path` an array map as xlb pinned `RINGS` and `CONNTRACK` before
+/// they were mmapable: same type and sizes, no `BPF_F_MMAPABLE`.
+fn pin_array_without_mmap(path: &Path, value_size: usize, entries: u32) {
     const BPF_MAP_CREATE: libc::c_long = 0;
     const BPF_OBJ_PIN: libc::c_long = 6;
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
@@ -307,7 +313,7 @@ fn pin_rings_without_mmap(path: &Path, entries: u32) {
         &MapCreate {
             map_type: BPF_MAP_TYPE_ARRAY,
             key_size: 4,
-            value_size: 4,
+            value_size: value_size as u32,
             max_entries: entries,
             map_flags: 0,
         },
@@ -336,7 +342,11 @@ fn a_rings_map_pinned_before_it_was_mmapable_is_kept_and_written_per_slot() {
     let bpffs = BpfFs::mount("old-rings");
     let dir = bpffs.pin_dir();
     fs::create_dir_all(&dir).expect("creating the pin directory");
-    pin_rings_without_mmap(&dir.join(map_names::RINGS), LIMITS.ring_capacity);
+    pin_array_without_mmap(
+        &dir.join(map_names::RINGS),
+        size_of::<u32>(),
+        LIMITS.ring_capacity,
+    );
 
     // Kept as it is: the programs attached by the older xlb read it.
     let mut dp = Dataplane::load_pinned(LIMITS, &dir).expect("loading over the old RINGS");
@@ -372,6 +382,65 @@ fn a_rings_map_pinned_before_it_was_mmapable_is_kept_and_written_per_slot() {
     let dp = Dataplane::load_pinned(LIMITS, &dir).expect("loading afresh");
     assert!(dp.reused_maps().is_empty());
     assert_eq!(dp.rings.writes(), RingWrites::Mapped);
+    dp.detach_all().expect("detach_all");
+}
+
+#[test]
+fn a_connection_table_pinned_before_it_was_mmapable_is_kept_with_its_flows() {
+    if !privileged() {
+        return;
+    }
+    enter_private_netns();
+    let bpffs = BpfFs::mount("old-conntrack");
+    let dir = bpffs.pin_dir();
+    fs::create_dir_all(&dir).expect("creating the pin directory");
+    pin_array_without_mmap(
+        &dir.join(map_names::CONNTRACK),
+        size_of::<FlowSet>(),
+        conntrack_sets(LIMITS.conntrack_size),
+    );
+
+    // Kept as it is (only slower): the programs attached by the older xlb
+    // read it, and its flows are connections in flight.
+    let mut dp = Dataplane::load_pinned(LIMITS, &dir).expect("loading over the old CONNTRACK");
+    assert_eq!(dp.reused_maps(), [map_names::CONNTRACK]);
+    dp.settings
+        .set(standard_settings())
+        .expect("writing SETTINGS");
+    program_vip(&mut dp, &WEB_V4);
+    let [first, second, ..] = WEB_V4.pool[..] else {
+        panic!("a pool of at least two")
+    };
+    assert_new_flows_go_to(&mut dp, &WEB_V4, first, 40_000);
+
+    // After a restart the flow still goes to its backend, whatever the ring
+    // says now.
+    drop(dp);
+    let mut dp = Dataplane::load_pinned(LIMITS, &dir).expect("loading again");
+    assert_eq!(sorted(dp.reused_maps()), sorted(&MAPS));
+    dp.rings
+        .write(WEB_V4.ring_offset(), &vec![second; RING_SIZE as usize])
+        .expect("writing RINGS");
+    let ack = Pkt::tcp_ack(CLIENT_V4, 40_000, WEB_V4.addr, WEB_V4.port).build();
+    let (action, out) = run(&dp, &ack);
+    assert_eq!(action, Action::Tx);
+    assert_frame_eq(
+        &out,
+        &encapsulated(&ack, backend(first).addr, standard_egress(first)),
+        "the established flow keeps its backend",
+    );
+
+    // What the warning says to do: detach, start again, mmapable, so that
+    // each set is one cache line.
+    dp.detach_all().expect("detach_all");
+    let dp = Dataplane::load_pinned(LIMITS, &dir).expect("loading afresh");
+    assert!(dp.reused_maps().is_empty());
+    let info = MapInfo::from_pin(dir.join(map_names::CONNTRACK)).expect("the pinned CONNTRACK");
+    assert_ne!(
+        info.map_flags() & BPF_F_MMAPABLE,
+        0,
+        "CONNTRACK is mmapable"
+    );
     dp.detach_all().expect("detach_all");
 }
 

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::IpAddr, os::fd::AsFd as _};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, PerCpuArray, xdp::DevMapHash},
+    maps::{Array, HashMap, IterableMap, MapData, PerCpuArray, xdp::DevMapHash},
 };
 use lb_common::{
     AddrKey, Backend, ConnSlot, Counter, FAMILY_V4, FAMILY_V6, FLOW_WAYS, FlowKey, FlowSet,
@@ -27,6 +27,13 @@ where
         .take_map(name)
         .ok_or(DataplaneError::Missing { kind: "map", name })?;
     T::try_from(map).map_err(DataplaneError::map(name))
+}
+
+/// Whether the array was created `BPF_F_MMAPABLE`, as this xlb creates
+/// `RINGS` and `CONNTRACK`; one pinned by an earlier xlb may not be.
+fn mmapable(data: &MapData, name: &'static str) -> Result<bool, DataplaneError> {
+    let info = data.info().map_err(DataplaneError::map(name))?;
+    Ok(info.map_flags() & BPF_F_MMAPABLE != 0)
 }
 
 fn check_range(what: &'static str, value: u64, limit: u64) -> Result<(), DataplaneError> {
@@ -352,8 +359,7 @@ impl RingTable {
     /// mmapable.
     fn share(data: &MapData, len: u32) -> Result<Option<SharedSlots>, DataplaneError> {
         let name = map_names::RINGS;
-        let info = data.info().map_err(DataplaneError::map(name))?;
-        if info.map_flags() & BPF_F_MMAPABLE == 0 {
+        if !mmapable(data, name)? {
             log::warn!(
                 "{name} was pinned by an earlier xlb without BPF_F_MMAPABLE: ring changes are \
                  written one syscall per slot (slower); `xlb detach` and a restart make it \
@@ -632,10 +638,16 @@ pub struct ConnTable {
 
 impl ConnTable {
     pub(super) fn new(ebpf: &mut Ebpf, geometry: ConnGeometry) -> Result<Self, DataplaneError> {
-        Ok(Self {
-            sets: take(ebpf, map_names::CONNTRACK)?,
-            geometry,
-        })
+        let name = map_names::CONNTRACK;
+        let sets: Array<MapData, FlowSet> = take(ebpf, name)?;
+        if !mmapable(IterableMap::map(&sets), name)? {
+            log::warn!(
+                "{name} was pinned by an earlier xlb without BPF_F_MMAPABLE: its sets straddle \
+                 cache lines, which slows every lookup; `xlb detach` and a restart fix it (this \
+                 empties the connection table)"
+            );
+        }
+        Ok(Self { sets, geometry })
     }
 
     pub fn geometry(&self) -> ConnGeometry {
