@@ -10,30 +10,7 @@ use xlb::dataplane::CounterReader;
 /// Whether the counter is a verdict (every packet moves exactly one) rather
 /// than a reason.
 pub fn is_verdict(counter: Counter) -> bool {
-    use Counter::*;
-    matches!(
-        counter,
-        PassNotIp
-            | PassNotVip
-            | PassMalformed
-            | DropMalformed
-            | DropFragment
-            | DropNoBackend
-            | DropTooBig
-            | DropNoRoute
-            | DropEncapFailed
-            | Tx
-            | Redirect
-            | DecapOk
-            | DecapPassNotTunnel
-            | DecapDropMalformed
-            | ProbeEncap
-            | ProbeDropNoBackend
-            | ProbeDropNoRoute
-            | ProbeDropMalformed
-            | ProbeDropTooBig
-            | ProbeDropEncapFailed
-    )
+    xlb::metrics::verdict_of(counter).is_some()
 }
 
 pub fn traffic(packets: u64, bytes: u64, new_flows: u64) -> Traffic {
