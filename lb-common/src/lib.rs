@@ -356,7 +356,10 @@ pub enum Counter {
     DropFragment,
     /// Verdict: the VIP has no ring, or the slot's backend is not programmed.
     DropNoBackend,
-    /// Verdict: the encapsulated packet would exceed the egress MTU.
+    /// Verdict: the encapsulated packet would exceed the egress MTU, and
+    /// ICMP may not or cannot say so (see `IcmpTooBig`): an IPv4 packet
+    /// without DF (it would need fragmenting, which xlb does not do), or
+    /// one shorter than the quote an ICMP reply carries.
     DropTooBig,
     /// Verdict: neither the next-hop map, the FIB nor a gateway MAC gave a
     /// way out.
@@ -410,10 +413,16 @@ pub enum Counter {
     /// Probe egress verdict: the kernel refused to make room for the outer
     /// header, or to write it.
     ProbeDropEncapFailed,
+    /// Verdict: the encapsulated packet would exceed the egress MTU; an
+    /// ICMP "fragmentation needed" (IPv4 with DF) or ICMPv6 "packet too
+    /// big" went back to the client with the MTU inside the tunnel. (Last,
+    /// like every counter added later: a counter keeps its index across
+    /// versions, so the pinned map of a running xlb stays readable.)
+    IcmpTooBig,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 29] = [
+    pub const ALL: [Counter; 30] = [
         Counter::PassNotIp,
         Counter::PassNotVip,
         Counter::PassMalformed,
@@ -443,6 +452,7 @@ impl Counter {
         Counter::ProbeDropMalformed,
         Counter::ProbeDropTooBig,
         Counter::ProbeDropEncapFailed,
+        Counter::IcmpTooBig,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -478,6 +488,7 @@ impl Counter {
             Counter::ProbeDropMalformed => "probe_drop_malformed",
             Counter::ProbeDropTooBig => "probe_drop_too_big",
             Counter::ProbeDropEncapFailed => "probe_drop_encap_failed",
+            Counter::IcmpTooBig => "icmp_too_big",
         }
     }
 }

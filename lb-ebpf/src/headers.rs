@@ -6,10 +6,12 @@ pub const ETH_P_IPV6: u16 = 0x86dd_u16.to_be();
 pub const ETH_P_8021Q: u16 = 0x8100_u16.to_be();
 
 pub const IPPROTO_HOPOPTS: u8 = 0;
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_IPIP: u8 = 4;
 pub const IPPROTO_IPV6: u8 = 41;
 pub const IPPROTO_ROUTING: u8 = 43;
 pub const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_ICMPV6: u8 = 58;
 pub const IPPROTO_DSTOPTS: u8 = 60;
 
 #[repr(C)]
@@ -145,3 +147,21 @@ pub struct UdpHdr {
     pub len: u16,
     pub check: u16,
 }
+
+/// The 8 bytes ICMP and ICMPv6 messages start with.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct IcmpHdr {
+    pub kind: u8,
+    pub code: u8,
+    pub check: u16,
+    /// Per message kind; for "too big", the MTU in network byte order
+    /// (ICMP: in the low 16 bits, the high 16 unused).
+    pub rest: u32,
+}
+
+/// ICMP destination unreachable, code fragmentation needed (RFC 1191).
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+/// ICMPv6 packet too big (RFC 4443).
+pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;

@@ -1,7 +1,9 @@
 //! xlb's XDP programs. The balancer reads as its steps: parse, the
 //! connection table (a known flow needs nothing else), else look the VIP up
-//! and take its ring; then find the next hop, encapsulate, count, send. Each step lives in its own module and returns
-//! either its result or the verdict counter that ends the packet's path.
+//! and take its ring; then find the next hop (or answer a packet too big
+//! for it with ICMP), encapsulate, count, send. Each step lives in its own
+//! module and returns either its result or the verdict counter that ends
+//! the packet's path.
 //! The object also holds the backends' decapsulator (`decap.rs`) and the
 //! node's tc egress program for via-VIP health probes (`probe.rs`).
 #![no_std]
@@ -11,6 +13,7 @@ mod conntrack;
 mod counters;
 mod decap;
 mod encap;
+mod icmp;
 mod log;
 mod maps;
 mod nexthop;
@@ -26,7 +29,7 @@ use lb_ebpf::packet::frame_len;
 use crate::{
     counters::count,
     maps::{SETTINGS, TX_PORTS, array_get},
-    nexthop::Route,
+    nexthop::{Exit, Route},
     parse::TransportError,
 };
 
@@ -38,7 +41,7 @@ pub fn xlb_balancer(ctx: XdpContext) -> u32 {
     count(verdict);
     log::verdict(&ctx, verdict);
     match verdict {
-        Counter::Tx => xdp_action::XDP_TX,
+        Counter::Tx | Counter::IcmpTooBig => xdp_action::XDP_TX,
         Counter::Redirect => xdp_action::XDP_REDIRECT,
         Counter::PassNotIp | Counter::PassNotVip | Counter::PassMalformed => xdp_action::XDP_PASS,
         _ => xdp_action::XDP_DROP,
@@ -78,14 +81,19 @@ fn balance(ctx: &XdpContext) -> Result<Counter, Counter> {
     if outer_len > u32::from(u16::MAX) {
         return Err(Counter::DropTooBig);
     }
-    let route = nexthop::resolve(
+    let route = match nexthop::resolve(
         ctx,
         chosen.backend_id,
         &chosen.backend,
         outer_len,
         &settings,
         l2.dst_mac,
-    )?;
+    )? {
+        Exit::Via(route) => route,
+        Exit::TooBig { mtu } => {
+            return icmp::too_big(ctx, &l2, &pkt, mtu, encap::overhead(&chosen.backend));
+        }
+    };
     let bytes = frame_len(ctx) as u64;
     encap::encapsulate(ctx, &l2, &pkt, &chosen.backend, &settings, &route)?;
     counters::forwarded(chosen.vip_id, chosen.backend_id, bytes, chosen.new_flow);

@@ -27,6 +27,14 @@ pub struct Route {
     pub dmac: [u8; 6],
 }
 
+pub enum Exit {
+    Via(Route),
+    /// The way out takes outer packets of at most `mtu` bytes.
+    TooBig {
+        mtu: u32,
+    },
+}
+
 /// The way out for `outer_len` bytes of IP packet to `backend`.
 /// `our_mac` is the frame's destination MAC, the source of last resort.
 #[inline(always)]
@@ -37,18 +45,18 @@ pub fn resolve(
     outer_len: u32,
     settings: &Settings,
     our_mac: [u8; 6],
-) -> Result<Route, Counter> {
+) -> Result<Exit, Counter> {
     if let Some(hop) = array_get(&NEXTHOPS, backend_id)
         && hop.flags & NEXTHOP_F_VALID != 0
     {
         if outer_len > hop.mtu {
-            return Err(Counter::DropTooBig);
+            return Ok(Exit::TooBig { mtu: hop.mtu });
         }
-        return Ok(Route {
+        return Ok(Exit::Via(Route {
             ifindex: hop.ifindex,
             smac: hop.smac,
             dmac: hop.dmac,
-        });
+        }));
     }
     count(Counter::FibLookup);
     let ingress = ctx.ingress_ifindex() as u32;
@@ -78,19 +86,23 @@ pub fn resolve(
         )
     };
     match ret as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => Ok(Route {
+        BPF_FIB_LKUP_RET_SUCCESS => Ok(Exit::Via(Route {
             ifindex: params.ifindex,
             smac: params.smac,
             dmac: params.dmac,
+        })),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Ok(Exit::TooBig {
+            // SAFETY: on FRAG_NEEDED the helper stores the route's MTU in
+            // this member of the union it read `tot_len` from.
+            mtu: u32::from(unsafe { params.__bindgen_anon_1.mtu_result }),
         }),
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Counter::DropTooBig),
         _ if settings.flags & SETTINGS_F_GATEWAY_MAC != 0 => {
             count(Counter::GatewayFallback);
-            Ok(Route {
+            Ok(Exit::Via(Route {
                 ifindex: ingress,
                 smac: our_mac,
                 dmac: settings.gateway_mac,
-            })
+            }))
         }
         _ => Err(Counter::DropNoRoute),
     }

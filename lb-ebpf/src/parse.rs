@@ -10,7 +10,7 @@ use lb_common::{Addr, Counter, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_U
 use lb_ebpf::{
     headers::{
         ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, EthHdr, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT,
-        IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPV4_MF, IPV4_OFFSET_MASK, Ipv4Hdr, Ipv6ExtHdr,
+        IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPV4_DF, IPV4_MF, IPV4_OFFSET_MASK, Ipv4Hdr, Ipv6ExtHdr,
         Ipv6FragHdr, Ipv6Hdr, Ports, TCP_FLAG_ACK, TCP_FLAG_SYN, TcpHdr, UdpHdr, VlanHdr,
     },
     packet::{frame_len, read_at},
@@ -94,6 +94,10 @@ pub struct Packet {
     /// Ports are unknown or ignored: hashed on (source, destination,
     /// protocol) so every fragment of a datagram agrees.
     pub fragment: bool,
+    /// The sender forbids fragmenting it on the way: IPv4 with DF, and
+    /// all of IPv6 (only its source fragments). Too big for the way out,
+    /// such a packet is answered with ICMP.
+    pub dont_fragment: bool,
     pub ipv4_options: bool,
 }
 
@@ -140,6 +144,7 @@ fn ipv4_transport(ctx: &XdpContext, off: usize, hdr: &Ipv4Hdr) -> Result<Packet,
         tos: hdr.tos,
         syn,
         fragment,
+        dont_fragment: frag_off & IPV4_DF != 0,
         ipv4_options: header_len > size_of::<Ipv4Hdr>(),
     })
 }
@@ -200,6 +205,7 @@ fn ipv6_transport(ctx: &XdpContext, off: usize, hdr: &Ipv6Hdr) -> Result<Packet,
         tos: hdr.traffic_class(),
         syn,
         fragment,
+        dont_fragment: true,
         ipv4_options: false,
     })
 }

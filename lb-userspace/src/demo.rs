@@ -433,6 +433,10 @@ pub struct SiteOptions {
     /// Namespace names start with `xlb.<tag>.`.
     pub tag: String,
     pub cancel: Cancel,
+    /// The MTU of the client's link (default: the kernel's 1500). At the
+    /// fabric's MTU, the client's full-size packets no longer fit once
+    /// encapsulated, and the nodes answer them with ICMP too-big.
+    pub client_mtu: Option<u32>,
 }
 
 impl SiteOptions {
@@ -444,6 +448,7 @@ impl SiteOptions {
             hash_seed: DEFAULT_HASH_SEED,
             tag: "demo".into(),
             cancel: Cancel::never(),
+            client_mtu: None,
         }
     }
 }
@@ -1008,12 +1013,12 @@ impl Site {
         // 5-tuple so that each connection keeps its path. Its veth leaves
         // TCP checksums to "offload", a state XDP_TX frames lose: off.
         let client = topology.host("client").context("creating the client")?;
+        let mut client_link_opts = LinkOpts::new().addr_a(cidr(CLIENT_ADDR, FABRIC_PREFIX_LEN));
+        if let Some(mtu) = opts.client_mtu {
+            client_link_opts = client_link_opts.mtu(mtu);
+        }
         let client_link = topology
-            .link(
-                &client,
-                &fabric,
-                LinkOpts::new().addr_a(cidr(CLIENT_ADDR, FABRIC_PREFIX_LEN)),
-            )
+            .link(&client, &fabric, client_link_opts)
             .context("linking the client to the fabric")?;
         client
             .set_tx_checksum(&client_link.a.name, false)

@@ -660,8 +660,10 @@ fn check_backend_path(
             findings.push(Finding::problem(
                 format!("MTU toward {addr}"),
                 format!(
-                    "{dev} has MTU {} < {need}: full-size client packets cannot be \
-                     encapsulated (drop_too_big) unless the backends clamp their MSS",
+                    "{dev} has MTU {} < {need}: full-size client packets do not fit \
+                     once encapsulated; xlb answers them with ICMP too-big \
+                     (icmp_too_big), so clients whose ICMP gets through retry smaller, \
+                     and IPv4 packets without DF are dropped (drop_too_big)",
                     link.mtu
                 ),
                 vec![

@@ -290,7 +290,9 @@ pub fn verdict_of(counter: Counter) -> Option<&'static str> {
     use Counter::*;
     match counter {
         PassNotIp | PassNotVip | PassMalformed | DropMalformed | DropFragment | DropNoBackend
-        | DropTooBig | DropNoRoute | DropEncapFailed | Tx | Redirect => Some("balancer"),
+        | DropTooBig | DropNoRoute | DropEncapFailed | Tx | Redirect | IcmpTooBig => {
+            Some("balancer")
+        }
         DecapOk | DecapPassNotTunnel | DecapDropMalformed => Some("decap"),
         ProbeEncap | ProbeDropNoBackend | ProbeDropNoRoute | ProbeDropMalformed
         | ProbeDropTooBig | ProbeDropEncapFailed => Some("probe_egress"),

@@ -4,8 +4,9 @@
 use std::{fmt::Write as _, net::IpAddr};
 
 use etherparse::{
-    EtherType, Ethernet2Header, IpDscp, IpEcn, IpNumber, Ipv4Header, Ipv4HeaderSlice,
-    Ipv6FlowLabel, Ipv6Header, NetHeaders, PacketHeaders, SingleVlanHeader, TransportHeader,
+    EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Type, IpDscp, IpEcn,
+    IpNumber, Ipv4Header, Ipv4HeaderSlice, Ipv6FlowLabel, Ipv6Header, NetHeaders, PacketHeaders,
+    SingleVlanHeader, TransportHeader, icmpv4::DestUnreachableHeader,
 };
 use lb_common::OUTER_TTL;
 
@@ -154,6 +155,70 @@ pub fn encapsulated(frame: &[u8], backend: IpAddr, egress: Egress) -> Vec<u8> {
         (backend, src) => panic!("outer source {src} does not match backend {backend}"),
     }
     out.extend_from_slice(&frame[info.l2_len..]);
+    out
+}
+
+/// The exact frame the balancer must send back for `frame`, a packet too
+/// big for the way to its backend, when `mtu` bytes fit inside the tunnel:
+///
+/// - Ethernet: back where it came from (the client frame's MACs swapped),
+///   its VLAN tag kept;
+/// - IPv4: from the VIP to the client, IHL 5, TOS 0, identification 0, no
+///   flags, TTL 64, protocol ICMP; then ICMP destination unreachable,
+///   fragmentation needed, with `mtu` as the next-hop MTU, quoting the
+///   first 68 bytes of the client's IP packet;
+/// - IPv6: from the VIP to the client, traffic class and flow label 0, hop
+///   limit 64, next header ICMPv6; then ICMPv6 packet too big with `mtu`,
+///   quoting the first 128 bytes of the client's IP packet;
+/// - correct checksums everywhere.
+pub fn icmp_too_big(frame: &[u8], mtu: u32) -> Vec<u8> {
+    let info = frame_info(frame).expect("icmp_too_big(): not an IP frame");
+    let ip = &frame[info.l2_len..];
+    let mut out = frame[6..12].to_vec();
+    out.extend_from_slice(&frame[..6]);
+    out.extend_from_slice(&frame[12..info.l2_len]);
+    if info.is_ipv4() {
+        let quote = &ip[..68];
+        let kind = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+            next_hop_mtu: mtu as u16,
+        });
+        let icmp = Icmpv4Header::with_checksum(kind, quote);
+        let mut hdr = Ipv4Header {
+            total_len: (20 + icmp.header_len() + quote.len()) as u16,
+            identification: 0,
+            dont_fragment: false,
+            time_to_live: OUTER_TTL,
+            protocol: IpNumber::ICMP,
+            source: ip[16..20].try_into().unwrap(),
+            destination: ip[12..16].try_into().unwrap(),
+            ..Default::default()
+        };
+        hdr.header_checksum = hdr.calc_header_checksum();
+        out.extend_from_slice(&hdr.to_bytes());
+        out.extend_from_slice(&icmp.to_bytes());
+        out.extend_from_slice(quote);
+    } else {
+        let quote = &ip[..128];
+        let (vip, client): ([u8; 16], [u8; 16]) = (
+            ip[24..40].try_into().unwrap(),
+            ip[8..24].try_into().unwrap(),
+        );
+        let icmp =
+            Icmpv6Header::with_checksum(Icmpv6Type::PacketTooBig { mtu }, vip, client, quote)
+                .unwrap();
+        let hdr = Ipv6Header {
+            traffic_class: 0,
+            flow_label: Ipv6FlowLabel::ZERO,
+            payload_length: (icmp.header_len() + quote.len()) as u16,
+            next_header: IpNumber::IPV6_ICMP,
+            hop_limit: OUTER_TTL,
+            source: vip,
+            destination: client,
+        };
+        out.extend_from_slice(&hdr.to_bytes());
+        out.extend_from_slice(&icmp.to_bytes());
+        out.extend_from_slice(quote);
+    }
     out
 }
 

@@ -52,6 +52,8 @@ pub struct Pkt {
     pub ipv4_options: Vec<u8>,
     /// IPv4 identification / IPv6 fragment identification.
     pub ident: u32,
+    /// IPv4's don't-fragment flag (fragments never carry it).
+    pub dont_fragment: bool,
     pub l4: L4,
     pub payload: Vec<u8>,
 }
@@ -73,6 +75,7 @@ impl Pkt {
             ttl: 64,
             ipv4_options: Vec::new(),
             ident: 0x1234,
+            dont_fragment: true,
             l4,
             payload: Vec::new(),
         }
@@ -132,6 +135,12 @@ impl Pkt {
     }
 
     /// The same packet from another source port (TCP or UDP).
+    /// Clears IPv4's don't-fragment flag: routers may fragment it.
+    pub fn may_fragment(mut self) -> Self {
+        self.dont_fragment = false;
+        self
+    }
+
     pub fn sport(mut self, port: u16) -> Self {
         match &mut self.l4 {
             L4::Tcp { sport, .. } | L4::Udp { sport, .. } => *sport = port,
@@ -322,7 +331,7 @@ impl Pkt {
                     dscp: IpDscp::try_new(self.tos >> 2).unwrap(),
                     ecn: IpEcn::try_new(self.tos & 3).unwrap(),
                     identification: self.ident as u16,
-                    dont_fragment: frag.is_none(),
+                    dont_fragment: self.dont_fragment && frag.is_none(),
                     more_fragments: more,
                     fragment_offset: frag_offset,
                     time_to_live: self.ttl,

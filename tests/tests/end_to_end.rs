@@ -16,6 +16,7 @@
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd as _;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::thread;
 use std::time::Duration;
@@ -24,8 +25,8 @@ use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, TcpHeader};
 use lb_common::{Counter, OUTER_TTL};
 use xlb::api::{Admin, BackendView, HealthState, Request, Response};
 use xlb::demo::{
-    CLIENT_ADDR, CLUSTERS, Detection, Footprint, Frame, PacketCapture, Round, Site, SiteOptions,
-    TCP_VIP_NAME, UDP_VIP_NAME, VIP, VIP_PORT, WEB6, WEB46, check_round,
+    CLIENT_ADDR, CLUSTERS, Detection, FABRIC_MTU, Footprint, Frame, PacketCapture, Round, Site,
+    SiteOptions, TCP_VIP_NAME, UDP_VIP_NAME, VIP, VIP_PORT, WEB, WEB6, WEB46, check_round,
 };
 
 const XLB: &str = env!("CARGO_BIN_EXE_xlb-for-tests");
@@ -622,6 +623,98 @@ fn ipv6_backends_serve_an_ipv6_vip_and_an_ipv4_vip() {
             .sum();
         assert_eq!(decapsulated - before, forwarded, "{}", service.name);
         assert_eq!(round.by_node().len(), 2, "{round:#?}");
+    }
+    close(site);
+}
+
+/// The sum of `counter` over the site's nodes.
+fn site_global(site: &Site, counter: Counter) -> u64 {
+    let counters = site.counters().expect("reading the nodes' counters");
+    counters.values().map(|node| node.global(counter)).sum()
+}
+
+/// Sends an HTTP request padded to `len` bytes to `service` from the client;
+/// returns the answer and the path MTU the connection ended with.
+fn upload(site: &Site, service: SocketAddr, len: usize) -> (String, u32) {
+    site.client()
+        .run_in(move || {
+            let mut stream =
+                TcpStream::connect_timeout(&service, Duration::from_secs(5)).expect("connecting");
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("read timeout");
+            let head = "GET / HTTP/1.0\r\nX-Pad: ";
+            let pad = "x".repeat(len - head.len() - 4);
+            write!(stream, "{head}{pad}\r\n\r\n").expect("sending the request");
+            let mut answer = String::new();
+            stream
+                .read_to_string(&mut answer)
+                .expect("reading the answer");
+            (answer, path_mtu(&stream))
+        })
+        .expect("entering the client")
+}
+
+/// The path MTU of a connected socket's route, as its kernel knows it now.
+fn path_mtu(stream: &TcpStream) -> u32 {
+    let (level, name) = if stream.peer_addr().expect("connected").is_ipv4() {
+        (libc::IPPROTO_IP, libc::IP_MTU)
+    } else {
+        (libc::IPPROTO_IPV6, libc::IPV6_MTU)
+    };
+    let mut mtu: libc::c_int = 0;
+    let mut size = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: the socket is open; `mtu` and `size` are live locals of the
+    // sizes passed.
+    let got = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            level,
+            name,
+            (&raw mut mtu).cast(),
+            &mut size,
+        )
+    };
+    assert_eq!(got, 0, "IP(V6)_MTU: {}", std::io::Error::last_os_error());
+    mtu as u32
+}
+
+/// A client whose full-size packets do not fit the tunnel (its MTU is the
+/// fabric's, so the outer header makes them too big for the nodes' way to
+/// the backends) is told so by xlb's ICMP, from the VIP; its kernel lowers
+/// the path MTU, and the upload goes through instead of stalling.
+#[test]
+fn a_client_learns_the_path_mtu_from_xlb_and_its_upload_completes() {
+    if !may_run() {
+        return;
+    }
+    let site = Site::build(SiteOptions {
+        backends_per_cluster: 1,
+        tag: "e2e-pmtu".into(),
+        client_mtu: Some(FABRIC_MTU),
+        ..SiteOptions::new(XLB)
+    })
+    .expect("building the site");
+    // IPIP adds 20 bytes, IP6IP6 40.
+    for (service, outer) in [(WEB, 20), (WEB6, 40)] {
+        let before = site_global(&site, Counter::IcmpTooBig);
+        let (answer, mtu) = upload(&site, service.addr, 8000);
+        assert!(
+            answer.starts_with("HTTP/1.0 200 OK") && answer.contains("backend "),
+            "{}: {answer:?}",
+            service.name
+        );
+        assert!(
+            site_global(&site, Counter::IcmpTooBig) > before,
+            "{}: the nodes answered with ICMP",
+            service.name
+        );
+        assert_eq!(
+            mtu,
+            FABRIC_MTU - outer,
+            "{}: the client learnt the MTU inside the tunnel",
+            service.name
+        );
     }
     close(site);
 }

@@ -432,37 +432,83 @@ fn ring_slot_naming_an_unprogrammed_backend_drops() {
     assert_eq!(fx.tracked(&pkt.flow()), None);
 }
 
-#[test]
-fn packet_too_big_for_the_next_hop_mtu_drops() {
-    let mut fx = fixture!();
-    // A SYN with N bytes of payload is 40 + N bytes of IPv4 packet, 60 + N
-    // once encapsulated in IPv4, 80 + N in IPv6.
-    for (vip, overhead) in [(WEB_V4, 20), (V4_OVER_V6, 40)] {
-        let fits = Pkt::tcp_syn(CLIENT_V4, 40000, vip.addr, 80).payload(&[0; 140]);
-        let backend = fx.expected_backend(&vip, &fits.flow());
-        let mtu = 40 + 140 + overhead;
-        fx.set_nexthop(
-            backend,
-            NextHop {
-                mtu,
-                ..standard_nexthop(backend)
-            },
-        );
+/// Gives the backend that `fits` goes to a next hop whose MTU the packet
+/// fills exactly once encapsulated; returns that MTU.
+fn fill_the_mtu(fx: &mut Fixture, vip: &VipDef, fits: &Pkt) -> u32 {
+    let backend = fx.expected_backend(vip, &fits.flow());
+    let overhead = if world::backend(backend).addr.is_ipv4() {
+        20
+    } else {
+        40
+    };
+    let mtu = fits.ip_packet().len() as u32 + overhead;
+    fx.set_nexthop(
+        backend,
+        NextHop {
+            mtu,
+            ..standard_nexthop(backend)
+        },
+    );
+    mtu
+}
 
+#[test]
+fn packet_too_big_for_the_next_hop_is_answered_with_icmp_from_the_vip() {
+    let mut fx = fixture!();
+    // IPIP, 4in6, IP6IP6; tagged frames are answered on their VLAN.
+    for (vip, client, overhead, vlan) in [
+        (WEB_V4, IpAddr::from(CLIENT_V4), 20, None),
+        (V4_OVER_V6, CLIENT_V4.into(), 40, None),
+        (WEB_V6, CLIENT_V6.into(), 40, Some((3, 42))),
+    ] {
+        let mut fits = Pkt::tcp_ack(client, 40000, vip.addr, vip.port).payload(&[7; 1300]);
+        fits.vlan = vlan;
+        let mtu = fill_the_mtu(&mut fx, &vip, &fits);
         let Forwarded { moved, .. } = assert_forwarded(&mut fx, &fits.build(), &vip, &fits.flow());
         moved.assert_counters(&[ConnMiss, Tx]);
 
-        let one_more = fx.pick_sport(&vip, &fits.clone().payload(&[0; 141]), |b| b == backend);
-        let (out, moved) = fx.run_counted(&one_more.build());
-        assert_eq!(
-            out.action,
-            Action::Drop,
-            "{} bytes over an MTU of {mtu}",
-            40 + 141 + overhead
-        );
-        moved.assert_counters(&[ConnMiss, DropTooBig]);
+        // The same flow, one byte more: the client learns what fits inside
+        // the tunnel.
+        let frame = fits.clone().payload(&[7; 1301]).build();
+        let (out, moved) = fx.run_counted(&frame);
+        assert_eq!(out.action, Action::Tx, "{}", vip.name);
+        assert_frame_eq(&out.bytes, &icmp_too_big(&frame, mtu - overhead), vip.name);
+        moved.assert_counters(&[ConnHit, IcmpTooBig]);
         moved.assert_no_traffic();
     }
+}
+
+#[test]
+fn ipv4_packet_too_big_that_routers_may_fragment_drops() {
+    // Answering it with "fragmentation needed" would be wrong (the client
+    // allowed fragmenting), and xlb does not fragment.
+    let mut fx = fixture!();
+    let fits = Pkt::tcp_ack(CLIENT_V4, 40000, WEB_V4.addr, 80).payload(&[7; 200]);
+    fill_the_mtu(&mut fx, &WEB_V4, &fits);
+    let backend = fx.expected_backend(&WEB_V4, &fits.flow());
+    let too_big = fx.pick_sport(&WEB_V4, &fits.payload(&[7; 201]).may_fragment(), |b| {
+        b == backend
+    });
+    let (out, moved) = fx.run_counted(&too_big.build());
+    assert_eq!(out.action, Action::Drop);
+    moved.assert_counters(&[ConnMiss, DropTooBig]);
+    moved.assert_no_traffic();
+}
+
+#[test]
+fn packet_too_big_but_too_short_to_quote_drops() {
+    // An ICMP reply quotes 68 bytes of an IPv4 packet: a next hop whose MTU
+    // leaves less than that room is a configuration error, not a reason to
+    // send a malformed reply.
+    let mut fx = fixture!();
+    let fits = Pkt::tcp_ack(CLIENT_V4, 40000, WEB_V4.addr, 80).payload(&[7; 20]);
+    fill_the_mtu(&mut fx, &WEB_V4, &fits);
+    let backend = fx.expected_backend(&WEB_V4, &fits.flow());
+    let too_big = fx.pick_sport(&WEB_V4, &fits.payload(&[7; 21]), |b| b == backend);
+    assert!(too_big.ip_packet().len() < 68);
+    let (out, moved) = fx.run_counted(&too_big.build());
+    assert_eq!(out.action, Action::Drop);
+    moved.assert_counters(&[ConnMiss, DropTooBig]);
 }
 
 // Step 6: where the packet leaves when the next-hop entry is not valid.
@@ -606,11 +652,13 @@ fn fib_lookup_gives_the_route_and_neighbour_when_the_entry_is_stale() {
     moved.assert_counters(&[ConnMiss, FibLookup, Redirect]);
     assert_ne!(ifindex, TEST_RUN_IFINDEX);
 
-    // The FIB knows the egress MTU too: 160 bytes encapsulated, MTU 68.
-    ip(&["link", "set", "xlbt0", "mtu", "68"]);
-    let (out, moved) = fx.run_counted(&pkt.clone().payload(&[0; 100]).build());
-    assert_eq!(out.action, Action::Drop);
-    moved.assert_counters(&[ConnMiss, FibLookup, DropTooBig]);
+    // The FIB knows the egress MTU too: 160 bytes encapsulated, MTU 100.
+    ip(&["link", "set", "xlbt0", "mtu", "100"]);
+    let too_big = pkt.clone().payload(&[0; 100]).build();
+    let (out, moved) = fx.run_counted(&too_big);
+    assert_eq!(out.action, Action::Tx);
+    assert_frame_eq(&out.bytes, &icmp_too_big(&too_big, 100 - 20), "ICMP reply");
+    moved.assert_counters(&[ConnMiss, FibLookup, IcmpTooBig]);
 }
 
 // Steps 3 and 4: the connection table keeps flows where they are.
