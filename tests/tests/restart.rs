@@ -283,12 +283,16 @@ fn assert_new_flows_go_to(dp: &mut Dataplane, vip: &VipDef, id: u32, client_port
 /// `BPF_F_MMAPABLE` (`include/uapi/linux/bpf.h`).
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
-/// Pins at `path` an array map as xlb pinned `RINGS` and `CONNTRACK` before
-/// they were mmapable: same type and sizes, no `BPF_F_MMAPABLE`.
-fn pin_array_without_mmap(path: &Path, value_size: usize, entries: u32) {
+/// BPF map types (`enum bpf_map_type`).
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+
+/// Pins at `path` a map as an earlier xlb pinned it: `RINGS` and
+/// `CONNTRACK` before they were mmapable (same type and sizes, no
+/// `BPF_F_MMAPABLE`), `COUNTERS` before its last counters were added.
+fn pin_as_an_earlier_xlb(path: &Path, map_type: u32, value_size: usize, entries: u32) {
     const BPF_MAP_CREATE: libc::c_long = 0;
     const BPF_OBJ_PIN: libc::c_long = 6;
-    const BPF_MAP_TYPE_ARRAY: u32 = 2;
     #[repr(C)]
     struct MapCreate {
         map_type: u32,
@@ -311,7 +315,7 @@ fn pin_array_without_mmap(path: &Path, value_size: usize, entries: u32) {
     let fd = bpf(
         BPF_MAP_CREATE,
         &MapCreate {
-            map_type: BPF_MAP_TYPE_ARRAY,
+            map_type,
             key_size: 4,
             value_size: value_size as u32,
             max_entries: entries,
@@ -342,8 +346,9 @@ fn a_rings_map_pinned_before_it_was_mmapable_is_kept_and_written_per_slot() {
     let bpffs = BpfFs::mount("old-rings");
     let dir = bpffs.pin_dir();
     fs::create_dir_all(&dir).expect("creating the pin directory");
-    pin_array_without_mmap(
+    pin_as_an_earlier_xlb(
         &dir.join(map_names::RINGS),
+        BPF_MAP_TYPE_ARRAY,
         size_of::<u32>(),
         LIMITS.ring_capacity,
     );
@@ -394,8 +399,9 @@ fn a_connection_table_pinned_before_it_was_mmapable_is_kept_with_its_flows() {
     let bpffs = BpfFs::mount("old-conntrack");
     let dir = bpffs.pin_dir();
     fs::create_dir_all(&dir).expect("creating the pin directory");
-    pin_array_without_mmap(
+    pin_as_an_earlier_xlb(
         &dir.join(map_names::CONNTRACK),
+        BPF_MAP_TYPE_ARRAY,
         size_of::<FlowSet>(),
         conntrack_sets(LIMITS.conntrack_size),
     );
@@ -441,6 +447,57 @@ fn a_connection_table_pinned_before_it_was_mmapable_is_kept_with_its_flows() {
         0,
         "CONNTRACK is mmapable"
     );
+    dp.detach_all().expect("detach_all");
+}
+
+#[test]
+fn counters_pinned_before_the_last_counters_were_added_are_kept() {
+    if !privileged() {
+        return;
+    }
+    enter_private_netns();
+    let bpffs = BpfFs::mount("old-counters");
+    let dir = bpffs.pin_dir();
+    fs::create_dir_all(&dir).expect("creating the pin directory");
+    let newest = Counter::IcmpTooBig;
+    assert_eq!(newest, *Counter::ALL.last().unwrap());
+    pin_as_an_earlier_xlb(
+        &dir.join(map_names::COUNTERS),
+        BPF_MAP_TYPE_PERCPU_ARRAY,
+        size_of::<u64>(),
+        newest as u32,
+    );
+
+    // Kept: the running program counts in it, and the counts are what
+    // the operator's graphs continue from.
+    let mut dp = Dataplane::load_pinned(LIMITS, &dir).expect("loading over the old COUNTERS");
+    assert_eq!(dp.reused_maps(), [map_names::COUNTERS]);
+    dp.settings
+        .set(standard_settings())
+        .expect("writing SETTINGS");
+    program_vip(&mut dp, &WEB_V4);
+    let [first, ..] = WEB_V4.pool[..] else {
+        panic!("a pool")
+    };
+    assert_new_flows_go_to(&mut dp, &WEB_V4, first, 40_000);
+    assert_eq!(dp.counters.global(Counter::Tx).expect("tx"), 1);
+    assert_eq!(dp.counters.global(Counter::ConnMiss).expect("conn_miss"), 1);
+
+    // A packet too big for the next hop: answered; the counter without a
+    // slot reads 0 rather than failing every read.
+    dp.nexthops
+        .set(
+            first,
+            NextHop {
+                mtu: 100,
+                ..standard_nexthop(first)
+            },
+        )
+        .expect("writing NEXTHOPS");
+    let big = Pkt::tcp_ack(CLIENT_V4, 40_000, WEB_V4.addr, WEB_V4.port).payload(&[7; 100]);
+    assert_eq!(run(&dp, &big.build()).0, Action::Tx);
+    assert_eq!(dp.counters.global(newest).expect("icmp_too_big"), 0);
+    assert_eq!(dp.counters.global(Counter::ConnHit).expect("conn_hit"), 1);
     dp.detach_all().expect("detach_all");
 }
 

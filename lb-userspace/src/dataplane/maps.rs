@@ -736,20 +736,47 @@ impl ConnTable {
 /// Reads the per-CPU counters, summed over CPUs.
 pub struct CounterReader {
     counters: PerCpuArray<MapData, u64>,
+    /// Entries of `counters`, which a pin may hold fewer of than there are
+    /// counters.
+    slots: u32,
     vip_stats: PerCpuArray<MapData, Traffic>,
     backend_stats: PerCpuArray<MapData, Traffic>,
 }
 
 impl CounterReader {
     pub(super) fn new(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
+        let name = map_names::COUNTERS;
+        let counters: PerCpuArray<MapData, u64> = take(ebpf, name)?;
+        // The kernel's size, not the object's: they differ for a pin.
+        let slots = IterableMap::map(&counters)
+            .info()
+            .map_err(DataplaneError::map(name))?
+            .max_entries();
+        let missing: Vec<&str> = Counter::ALL[slots.min(Counter::COUNT) as usize..]
+            .iter()
+            .map(|counter| counter.name())
+            .collect();
+        if !missing.is_empty() {
+            log::warn!(
+                "{name} was pinned by an earlier xlb with room for {slots} counters: {} stay \
+                 0; `xlb detach` and a restart make room (this empties the connection table)",
+                missing.join(", ")
+            );
+        }
         Ok(Self {
-            counters: take(ebpf, map_names::COUNTERS)?,
+            counters,
+            slots,
             vip_stats: take(ebpf, map_names::VIP_STATS)?,
             backend_stats: take(ebpf, map_names::BACKEND_STATS)?,
         })
     }
 
+    /// The counter summed over CPUs; 0 for one the pinned map has no slot
+    /// for (see [`CounterReader::new`]).
     pub fn global(&self, counter: Counter) -> Result<u64, DataplaneError> {
+        if counter as u32 >= self.slots {
+            return Ok(0);
+        }
         let values = self
             .counters
             .get(&(counter as u32), 0)

@@ -19,7 +19,10 @@
 //! says which map and to run `xlb detach`), loads the new programs against
 //! them, and rebuilds the controller's mirrors from them (see
 //! [`VipTable`]; a `RINGS` pinned before it was mmapable is kept and
-//! written per slot, see [`RingTable`]). [`Dataplane::attach`] to an
+//! written per slot, see [`RingTable`]; a `CONNTRACK` pinned before it was
+//! mmapable is kept, slower; a `COUNTERS` pinned before some counters were
+//! added is kept, and those read 0, see [`CounterReader`]).
+//! [`Dataplane::attach`] to an
 //! interface that has a pinned link then swaps the program inside that
 //! link (`BPF_LINK_UPDATE`): the kernel replaces it atomically, so no
 //! packet meets the interface without a program. [`Dataplane::detach_all`]
@@ -841,6 +844,11 @@ struct MapSpec {
     entries: u32,
     /// The [`Limits`] field that sets `entries`; `None`: fixed by the object.
     limit: Option<&'static str>,
+    /// A pin of another size is still this map: `COUNTERS`, whose entries
+    /// are counters, and new counters are only ever appended. A pin made
+    /// before some were added has no slot for them; the program skips
+    /// them and `CounterReader` reads them as 0.
+    any_size: bool,
 }
 
 impl MapSpec {
@@ -878,7 +886,7 @@ impl MapSpec {
                 )));
             }
         }
-        if info.max_entries() != self.entries {
+        if info.max_entries() != self.entries && !(reused && self.any_size) {
             // The connection table's entries are sets of flows.
             let entries = |sets: u32| {
                 if self.name == map_names::CONNTRACK {
@@ -917,6 +925,7 @@ fn map_specs(limits: &Limits, geometry: ConnGeometry) -> [MapSpec; 14] {
             value_size: size_of::<V>(),
             entries,
             limit,
+            any_size: name == map_names::COUNTERS,
         }
     }
     /// `struct bpf_devmap_val`: an ifindex and a program fd or id.
