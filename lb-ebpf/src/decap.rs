@@ -10,10 +10,10 @@ use aya_ebpf::{
 use lb_common::{AddrKey, Counter, FAMILY_V4, FAMILY_V6};
 use lb_ebpf::{
     headers::{
-        ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, EthHdr, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_MF,
-        IPV4_OFFSET_MASK, Ipv4Hdr, Ipv6Hdr, VlanHdr,
+        ETH_P_IPV4, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_MF, IPV4_OFFSET_MASK, Ipv4Hdr,
+        Ipv6Hdr,
     },
-    packet::{read_at, write_at},
+    packet::read_at,
 };
 
 use crate::{
@@ -56,31 +56,11 @@ fn decap(ctx: &XdpContext) -> Result<Counter, Counter> {
     if !inner_ok {
         return Err(Counter::DecapDropMalformed);
     }
-    let eth: EthHdr = read_at(ctx, 0).ok_or(Counter::DecapDropMalformed)?;
-    let vlan: Option<VlanHdr> = if l2.len > size_of::<EthHdr>() {
-        Some(read_at(ctx, size_of::<EthHdr>()).ok_or(Counter::DecapDropMalformed)?)
-    } else {
-        None
-    };
     // The Ethernet header moves forward over the outer IP header, then the
     // head follows it.
     let new_start = tunnel.outer_len;
-    let moved = EthHdr {
-        ether_type: if vlan.is_some() {
-            ETH_P_8021Q
-        } else {
-            tunnel.inner_type
-        },
-        ..eth
-    };
-    write_at(ctx, new_start, moved).ok_or(Counter::DecapDropMalformed)?;
-    if let Some(vlan) = vlan {
-        let tag = VlanHdr {
-            ether_type: tunnel.inner_type,
-            ..vlan
-        };
-        write_at(ctx, new_start + size_of::<EthHdr>(), tag).ok_or(Counter::DecapDropMalformed)?;
-    }
+    l2.write_header(ctx, new_start, l2.eth.dst, l2.eth.src, tunnel.inner_type)
+        .ok_or(Counter::DecapDropMalformed)?;
     // SAFETY: `ctx.ctx` is the program's own context; no packet pointer is
     // used after the head moves.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, new_start as i32) } != 0 {

@@ -5,11 +5,8 @@
 use aya_ebpf::{helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{Backend, Counter, FAMILY_V4, IPV4_HDR_LEN, IPV6_HDR_LEN, OUTER_TTL, Settings};
 use lb_ebpf::{
-    headers::{
-        ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, EthHdr, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_DF, Ipv4Hdr,
-        Ipv6Hdr, VlanHdr,
-    },
-    packet::{read_at, write_at},
+    headers::{ETH_P_IPV4, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_DF, Ipv4Hdr, Ipv6Hdr},
+    packet::write_at,
 };
 
 use crate::{
@@ -36,13 +33,6 @@ pub fn encapsulate(
     settings: &Settings,
     route: &Route,
 ) -> Result<(), Counter> {
-    // A tagged frame leaves with its tag: the backend is on the VLAN the
-    // client's packet came in on. Read the tag before the head moves.
-    let vlan: Option<VlanHdr> = if l2.len > size_of::<EthHdr>() {
-        Some(read_at(ctx, size_of::<EthHdr>()).ok_or(Counter::DropMalformed)?)
-    } else {
-        None
-    };
     let overhead = overhead(backend);
     // SAFETY: `ctx.ctx` is the program's own context; growing the head
     // invalidates earlier packet pointers, and none is used afterwards.
@@ -55,23 +45,10 @@ pub fn encapsulate(
     } else {
         ETH_P_IPV6
     };
-    let eth = EthHdr {
-        dst: route.dmac,
-        src: route.smac,
-        ether_type: if vlan.is_some() {
-            ETH_P_8021Q
-        } else {
-            outer_type
-        },
-    };
-    write_at(ctx, 0, eth).ok_or(Counter::DropEncapFailed)?;
-    if let Some(vlan) = vlan {
-        let tag = VlanHdr {
-            tci: vlan.tci,
-            ether_type: outer_type,
-        };
-        write_at(ctx, size_of::<EthHdr>(), tag).ok_or(Counter::DropEncapFailed)?;
-    }
+    // A tagged frame leaves with its tag: the backend is on the VLAN the
+    // client's packet came in on.
+    l2.write_header(ctx, 0, route.dmac, route.smac, outer_type)
+        .ok_or(Counter::DropEncapFailed)?;
     let written = if backend.family == FAMILY_V4 {
         write_at(
             ctx,

@@ -20,10 +20,10 @@ use aya_ebpf::{
 use lb_common::{Counter, FAMILY_V4, IPV4_HDR_LEN, IPV6_HDR_LEN, OUTER_TTL};
 use lb_ebpf::{
     headers::{
-        ETH_P_8021Q, EthHdr, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMPV6_PACKET_TOO_BIG,
-        IPPROTO_ICMP, IPPROTO_ICMPV6, IcmpHdr, Ipv4Hdr, Ipv6Hdr, VlanHdr,
+        ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMPV6_PACKET_TOO_BIG, IPPROTO_ICMP, IPPROTO_ICMPV6,
+        IcmpHdr, Ipv4Hdr, Ipv6Hdr,
     },
-    packet::{ptr_at, read_at, write_at},
+    packet::{ptr_at, write_at},
 };
 
 use crate::parse::{L2, Packet};
@@ -121,13 +121,6 @@ fn reply<const QUOTE: usize, const HDRS: usize>(
     if (pkt.ip_len as usize) < QUOTE {
         return Err(Counter::DropTooBig);
     }
-    let eth: EthHdr = read_at(ctx, 0).ok_or(Counter::DropTooBig)?;
-    let vlan: Option<VlanHdr> = if l2.len > size_of::<EthHdr>() {
-        Some(read_at(ctx, size_of::<EthHdr>()).ok_or(Counter::DropTooBig)?)
-    } else {
-        None
-    };
-    let ip_type = vlan.map_or(eth.ether_type, |vlan| vlan.ether_type);
     // SAFETY: `ctx.ctx` is the program's own context; resizing invalidates
     // earlier packet pointers, and none is used afterwards. The length
     // comes from the helper rather than `data_end - data`: arithmetic with
@@ -141,15 +134,8 @@ fn reply<const QUOTE: usize, const HDRS: usize>(
     if !resized {
         return Err(Counter::DropEncapFailed);
     }
-    let back = EthHdr {
-        dst: eth.src,
-        src: eth.dst,
-        ether_type: if vlan.is_some() { ETH_P_8021Q } else { ip_type },
-    };
-    write_at(ctx, 0, back).ok_or(Counter::DropEncapFailed)?;
-    if let Some(vlan) = vlan {
-        write_at(ctx, size_of::<EthHdr>(), vlan).ok_or(Counter::DropEncapFailed)?;
-    }
+    l2.write_header(ctx, 0, l2.eth.src, l2.eth.dst, l2.ether_type)
+        .ok_or(Counter::DropEncapFailed)?;
     let quote_sum = sum_packet::<QUOTE>(ctx, l2.len + HDRS).ok_or(Counter::DropEncapFailed)?;
     write(l2.len, quote_sum).ok_or(Counter::DropEncapFailed)
 }

@@ -87,7 +87,7 @@ fn balance(ctx: &XdpContext) -> Result<Counter, Counter> {
         &chosen.backend,
         outer_len,
         &settings,
-        l2.dst_mac,
+        l2.eth.dst,
     )? {
         Exit::Via(route) => route,
         Exit::TooBig { mtu } => {

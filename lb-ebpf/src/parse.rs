@@ -13,7 +13,7 @@ use lb_ebpf::{
         IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPV4_DF, IPV4_MF, IPV4_OFFSET_MASK, Ipv4Hdr, Ipv6ExtHdr,
         Ipv6FragHdr, Ipv6Hdr, Ports, TCP_FLAG_ACK, TCP_FLAG_SYN, TcpHdr, UdpHdr, VlanHdr,
     },
-    packet::{frame_len, read_at},
+    packet::{frame_len, read_at, write_at},
 };
 
 /// IPv6 extension headers walked before giving up on finding TCP or UDP.
@@ -22,10 +22,53 @@ const MAX_IPV6_EXT_HEADERS: usize = 4;
 pub struct L2 {
     /// Ethernet header length: 14, or 18 with a VLAN tag.
     pub len: usize,
+    /// EtherType of what follows the header (and tag).
     pub ether_type: u16,
-    /// The frame's destination MAC: ours, so a usable source MAC when no
-    /// next-hop entry names one.
-    pub dst_mac: [u8; 6],
+    /// The header as received. Its destination is our MAC, so a usable
+    /// source MAC when no next-hop entry names one.
+    pub eth: EthHdr,
+    /// Whether the frame has an 802.1Q tag, and its TCI: what the frame
+    /// leaves with too. (Not an `Option`: LLVM may copy the undefined
+    /// payload of a `None`, a register the verifier refuses to read.)
+    pub tagged: bool,
+    pub tci: u16,
+}
+
+impl L2 {
+    /// Writes at `at` an Ethernet header from `src` to `dst` carrying this
+    /// frame's VLAN tag, if it had one, and `ether_type` for what follows.
+    #[inline(always)]
+    pub fn write_header(
+        &self,
+        ctx: &XdpContext,
+        at: usize,
+        dst: [u8; 6],
+        src: [u8; 6],
+        ether_type: u16,
+    ) -> Option<()> {
+        if !self.tagged {
+            return write_at(
+                ctx,
+                at,
+                EthHdr {
+                    dst,
+                    src,
+                    ether_type,
+                },
+            );
+        }
+        let eth = EthHdr {
+            dst,
+            src,
+            ether_type: ETH_P_8021Q,
+        };
+        write_at(ctx, at, eth)?;
+        let tag = VlanHdr {
+            tci: self.tci,
+            ether_type,
+        };
+        write_at(ctx, at + size_of::<EthHdr>(), tag)
+    }
 }
 
 pub fn ethernet(ctx: &XdpContext) -> Option<L2> {
@@ -34,14 +77,18 @@ pub fn ethernet(ctx: &XdpContext) -> Option<L2> {
         return Some(L2 {
             len: size_of::<EthHdr>(),
             ether_type: eth.ether_type,
-            dst_mac: eth.dst,
+            eth,
+            tagged: false,
+            tci: 0,
         });
     }
     let vlan: VlanHdr = read_at(ctx, size_of::<EthHdr>())?;
     Some(L2 {
         len: size_of::<EthHdr>() + size_of::<VlanHdr>(),
         ether_type: vlan.ether_type,
-        dst_mac: eth.dst,
+        eth,
+        tagged: true,
+        tci: vlan.tci,
     })
 }
 

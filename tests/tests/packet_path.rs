@@ -479,36 +479,33 @@ fn packet_too_big_for_the_next_hop_is_answered_with_icmp_from_the_vip() {
 }
 
 #[test]
-fn ipv4_packet_too_big_that_routers_may_fragment_drops() {
-    // Answering it with "fragmentation needed" would be wrong (the client
-    // allowed fragmenting), and xlb does not fragment.
+fn packet_too_big_that_may_not_be_answered_drops() {
     let mut fx = fixture!();
-    let fits = Pkt::tcp_ack(CLIENT_V4, 40000, WEB_V4.addr, 80).payload(&[7; 200]);
-    fill_the_mtu(&mut fx, &WEB_V4, &fits);
-    let backend = fx.expected_backend(&WEB_V4, &fits.flow());
-    let too_big = fx.pick_sport(&WEB_V4, &fits.payload(&[7; 201]).may_fragment(), |b| {
-        b == backend
-    });
-    let (out, moved) = fx.run_counted(&too_big.build());
-    assert_eq!(out.action, Action::Drop);
-    moved.assert_counters(&[ConnMiss, DropTooBig]);
-    moved.assert_no_traffic();
-}
-
-#[test]
-fn packet_too_big_but_too_short_to_quote_drops() {
-    // An ICMP reply quotes 68 bytes of an IPv4 packet: a next hop whose MTU
-    // leaves less than that room is a configuration error, not a reason to
-    // send a malformed reply.
-    let mut fx = fixture!();
-    let fits = Pkt::tcp_ack(CLIENT_V4, 40000, WEB_V4.addr, 80).payload(&[7; 20]);
-    fill_the_mtu(&mut fx, &WEB_V4, &fits);
-    let backend = fx.expected_backend(&WEB_V4, &fits.flow());
-    let too_big = fx.pick_sport(&WEB_V4, &fits.payload(&[7; 21]), |b| b == backend);
-    assert!(too_big.ip_packet().len() < 68);
-    let (out, moved) = fx.run_counted(&too_big.build());
-    assert_eq!(out.action, Action::Drop);
-    moved.assert_counters(&[ConnMiss, DropTooBig]);
+    let syn =
+        |payload: usize| Pkt::tcp_syn(CLIENT_V4, 40000, WEB_V4.addr, 80).payload(&vec![7; payload]);
+    for (fits, too_big, why) in [
+        (
+            syn(200),
+            syn(201).may_fragment(),
+            // "Fragmentation needed" would be wrong: the client allowed
+            // fragmenting, which xlb does not do.
+            "IPv4 without DF",
+        ),
+        (
+            syn(20),
+            syn(21),
+            // A reply quotes 68 bytes of IPv4: a next hop that leaves less
+            // room is a configuration error, not a reason for a malformed
+            // reply.
+            "shorter than the quote",
+        ),
+    ] {
+        fill_the_mtu(&mut fx, &WEB_V4, &fits);
+        let (out, moved) = fx.run_counted(&too_big.build());
+        assert_eq!(out.action, Action::Drop, "{why}");
+        moved.assert_counters(&[ConnMiss, DropTooBig]);
+        moved.assert_no_traffic();
+    }
 }
 
 // Step 6: where the packet leaves when the next-hop entry is not valid.
