@@ -278,16 +278,14 @@ impl Node {
         (status, self.log())
     }
 
-    /// Whether its daemon runs; fails the test when it exited on its own.
+    /// Fails the test when the daemon exited on its own.
     #[track_caller]
-    pub fn assert_running(&self) -> bool {
-        let Some(daemon) = &self.daemon else {
-            return false;
-        };
-        if let Some(exit) = daemon.try_wait().expect("polling the daemon") {
+    pub fn assert_running(&self) {
+        if let Some(daemon) = &self.daemon
+            && let Some(exit) = daemon.try_wait().expect("polling the daemon")
+        {
             panic!("{}: xlb run exited ({exit}):\n{}", self.name(), self.log());
         }
-        true
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -419,7 +417,6 @@ pub fn stdout_of_success(args: &[&str], out: Output, logs: impl FnOnce() -> Stri
 /// tunnel and counts what arrived.
 pub struct SiteBackend {
     pub name: String,
-    pub addr: IpAddr,
     pub host: Host,
     pub decap: Dataplane,
 }
@@ -432,7 +429,7 @@ pub struct Site {
     pub backends: Vec<SiteBackend>,
     _fabric_pass: Dataplane,
     pub client: Host,
-    pub ground: Ground,
+    ground: Ground,
 }
 
 /// What a [`Site`] is made of; see [`Site::builder`].
@@ -635,7 +632,6 @@ impl SiteBuilder {
                     .expect("entering a backend");
                 SiteBackend {
                     name: name.clone(),
-                    addr: *addr,
                     host,
                     decap,
                 }
