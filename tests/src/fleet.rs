@@ -13,10 +13,9 @@ use std::{
     collections::BTreeMap,
     ffi::OsString,
     fs,
-    io::{self, Read as _, Write as _},
     net::{IpAddr, Ipv4Addr},
-    path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    path::Path,
+    process::Output,
     thread,
     time::{Duration, Instant},
 };
@@ -25,22 +24,20 @@ use aya::maps::{Array, HashMap, Map, MapData};
 use etcd_client::{Client as EtcdClient, Txn, TxnOp};
 use lb_common::{Backend as BackendEntry, VipInfo, VipKey, ip_from_addr, map_names};
 use xlb::{
-    api::{Client, Request, Response, Status},
+    api::Status,
     dataplane::Limits,
-    topology::{Bridge, Host, LinkOpts, Spawned, Topology},
+    topology::{Host, Spawned},
 };
 
 use crate::{
-    bpffs::{BpfFs, pinned},
-    daemon::await_ready,
-    scratch::Scratch,
-    teardown::Teardown,
+    bpffs::pinned,
+    site::{Ground, Node, addressed, stdout_of_success},
 };
 
 pub const STORE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 50);
 pub const PREFIX: &str = "fleet";
 /// Every node serves /metrics here, in its own namespace.
-pub const METRICS: &str = "127.0.0.1:9730";
+pub use crate::site::METRICS;
 /// Seconds a node's published health view outlives it (`node.health_lease`).
 pub const HEALTH_LEASE: u32 = 3;
 /// Long enough for a loaded machine; a guard against hanging, not a target.
@@ -53,27 +50,12 @@ const TXN_OPS: usize = 100;
 /// between nodes; what Maglev decides may not).
 pub type Rings = BTreeMap<VipKey, (u32, u32, Vec<Option<IpAddr>>)>;
 
-pub struct FleetNode {
-    pub host: Host,
-    pub addr: Ipv4Addr,
-    pub socket: PathBuf,
-    pub pin_dir: PathBuf,
-    pub config: PathBuf,
-    log: PathBuf,
-    process: Option<Spawned>,
-}
-
 /// Fields drop in order: daemons, etcd, namespaces, mount, files.
 pub struct Fleet {
-    pub nodes: Vec<FleetNode>,
+    pub nodes: Vec<Node>,
     etcd: Option<Spawned>,
     pub store: Host,
-    fabric: Bridge,
-    topology: Topology,
-    bpffs: BpfFs,
-    scratch: Scratch,
-    /// The `xlb` command line: a program and the arguments it needs first.
-    xlb: Vec<OsString>,
+    ground: Ground,
     etcd_starts: u32,
 }
 
@@ -94,87 +76,27 @@ impl Fleet {
         limits: Limits,
         extra: &str,
     ) -> Fleet {
-        let scratch = Scratch::new("fleet", tag);
-        let bpffs = BpfFs::at(scratch.dir.join("bpf"));
-        let topology = Topology::new(&format!("fleet-{tag}")).expect("topology");
-        let fabric = topology.bridge("fabric").expect("fabric");
-        let store = topology.host("store").expect("store host");
-        topology
-            .link(
-                &store,
-                &fabric,
-                LinkOpts::new().addr_a(format!("{STORE_ADDR}/24")),
-            )
-            .expect("linking the store");
+        let ground = Ground::new(&format!("fleet-{tag}"), true);
+        let (store, _) = ground.host("store", addressed(&[STORE_ADDR.into()], None));
         let mut fleet = Fleet {
             nodes: Vec::new(),
             etcd: None,
             store,
-            fabric,
-            topology,
-            bpffs,
-            scratch,
-            xlb: xlb.to_vec(),
+            ground,
             etcd_starts: 0,
         };
         fleet.start_etcd();
         for i in 0..nodes {
+            let name = format!("n{i}");
             let addr = Ipv4Addr::new(198, 18, 0, 3 + i as u8);
-            let host = fleet.topology.host(&format!("n{i}")).expect("node host");
-            fleet
-                .topology
-                .link(
-                    &host,
-                    &fleet.fabric,
-                    LinkOpts::new()
-                        .addr_a(format!("{addr}/24"))
-                        .names("eth0", format!("port-n{i}")),
-                )
-                .expect("linking a node");
-            let dir = fleet.scratch.dir.join(format!("n{i}"));
-            fs::create_dir_all(&dir).expect("node directory");
-            let socket = dir.join("xlb.sock");
-            let pin_dir = fleet.bpffs.path().join(format!("n{i}"));
-            let config = dir.join("xlb.toml");
-            fs::write(
-                &config,
-                format!(
-                    "[node]\n\
-                     name = \"n{i}\"\n\
-                     health_lease = {HEALTH_LEASE}\n\
-                     interfaces = [\"eth0\"]\n\
-                     attach_mode = \"native\"\n\
-                     source_v4 = \"{addr}\"\n\
-                     api_socket = \"{}\"\n\
-                     state_file = \"{}\"\n\
-                     pin_path = \"{}\"\n\
-                     [node.limits]\n\
-                     max_vips = {}\n\
-                     max_backends = {}\n\
-                     ring_capacity = {}\n\
-                     conntrack_size = {}\n\
-                     [metrics]\n\
-                     listen = \"{METRICS}\"\n\
-                     {extra}",
-                    socket.display(),
-                    dir.join("state.toml").display(),
-                    pin_dir.display(),
-                    limits.max_vips,
-                    limits.max_backends,
-                    limits.ring_capacity,
-                    limits.conntrack_size,
-                ),
-            )
-            .expect("writing a node's config");
-            fleet.nodes.push(FleetNode {
-                host,
-                addr,
-                socket,
-                pin_dir,
-                log: dir.join("daemon.log"),
-                config,
-                process: None,
-            });
+            let pin_dir = fleet.ground.bpffs.path().join(&name);
+            let node = fleet.ground.node(&name, (addr, None), None, pin_dir, xlb);
+            node.configure(
+                &format!("name = \"{name}\"\nhealth_lease = {HEALTH_LEASE}"),
+                limits,
+                &format!("[metrics]\nlisten = \"{METRICS}\"\n{extra}"),
+            );
+            fleet.nodes.push(node);
         }
         for i in 0..nodes {
             fleet.start_node(i);
@@ -196,7 +118,8 @@ impl Fleet {
         assert!(self.etcd.is_none(), "etcd runs already");
         self.etcd_starts += 1;
         let log = fs::File::create(
-            self.scratch
+            self.ground
+                .scratch
                 .dir
                 .join(format!("etcd-{}.log", self.etcd_starts)),
         )
@@ -208,7 +131,7 @@ impl Fleet {
             .arg("--name=store")
             .arg(format!(
                 "--data-dir={}",
-                self.scratch.dir.join("etcd").display()
+                self.ground.scratch.dir.join("etcd").display()
             ))
             .arg(format!("--listen-client-urls={client}"))
             .arg(format!("--advertise-client-urls={client}"))
@@ -236,50 +159,17 @@ impl Fleet {
 
     pub fn start_node(&mut self, i: usize) {
         let url = self.store_url();
-        let node = &mut self.nodes[i];
-        assert!(node.process.is_none(), "node {i} runs already");
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&node.log)
-            .expect("daemon log");
-        let mut command = node.host.command(&self.xlb[0]);
-        command
-            .args(&self.xlb[1..])
-            .args(["run", "--config"])
-            .arg(&node.config)
-            .args(["--store", &url])
-            .env("RUST_LOG", "info")
-            .stdout(log.try_clone().expect("daemon log"))
-            .stderr(log);
-        let process = node.host.spawn(&mut command).expect("starting xlb run");
-        let socket = node.socket.clone();
-        await_ready(
-            &format!("node {i}: xlb run"),
-            &process,
-            &socket,
-            PATIENCE,
-            || self.logs(),
-        );
-        self.nodes[i].process = Some(process);
+        self.nodes[i].start(&["--store", &url]);
     }
 
     /// SIGTERM to node `i`'s daemon, waiting (a while) for it to exit.
     pub fn stop_node(&mut self, i: usize) {
-        stop(self.nodes[i].process.take().expect("the node runs"));
+        self.nodes[i].stop();
     }
 
     /// Another host on the fabric at `addr` (a backend, say).
     pub fn host(&self, name: &str, addr: Ipv4Addr) -> Host {
-        let host = self.topology.host(name).expect("a host");
-        self.topology
-            .link(
-                &host,
-                &self.fabric,
-                LinkOpts::new().addr_a(format!("{addr}/24")),
-            )
-            .expect("linking a host");
-        host
+        self.ground.host(name, addressed(&[addr.into()], None)).0
     }
 
     /// Every key under `prefix` in etcd, with its value.
@@ -305,23 +195,7 @@ impl Fleet {
 
     /// `GET /metrics` from inside node `i`.
     pub fn scrape(&self, i: usize) -> String {
-        let raw = self.nodes[i]
-            .host
-            .run_in(|| -> io::Result<String> {
-                let mut stream = std::net::TcpStream::connect(METRICS)?;
-                stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: xlb\r\n\r\n")?;
-                let mut raw = String::new();
-                stream.read_to_string(&mut raw)?;
-                Ok(raw)
-            })
-            .expect("entering the node")
-            .unwrap_or_else(|err| panic!("node {i}: GET /metrics: {err}"));
-        let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
-        assert!(
-            head.split_whitespace().nth(1) == Some("200"),
-            "node {i}: {head}\n{body}"
-        );
-        body.to_owned()
+        self.nodes[i].scrape()
     }
 
     /// Runs etcd calls from the store's namespace.
@@ -404,49 +278,22 @@ impl Fleet {
 
     /// Runs the command line against node `i`.
     pub fn xlb(&self, i: usize, args: &[&str]) -> Output {
-        self.run_xlb(Command::new(&self.xlb[0]), i, args)
+        self.nodes[i].xlb(args)
     }
 
     /// Runs the command line inside node `i`'s namespace (where etcd can
     /// be reached).
     pub fn xlb_inside(&self, i: usize, args: &[&str]) -> Output {
-        self.run_xlb(self.nodes[i].host.command(&self.xlb[0]), i, args)
-    }
-
-    /// `command` (the `xlb` program) with `args` against node `i`.
-    fn run_xlb(&self, mut command: Command, i: usize, args: &[&str]) -> Output {
-        command
-            .args(&self.xlb[1..])
-            .arg("--socket")
-            .arg(&self.nodes[i].socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("running xlb")
+        self.nodes[i].xlb_inside(args)
     }
 
     /// A command that must succeed on node `i`; its standard output.
     pub fn ok(&self, i: usize, args: &[&str]) -> String {
-        let out = self.xlb(i, args);
-        assert!(
-            out.status.success(),
-            "node {i}: xlb {}: {}\n{}\n{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            self.logs()
-        );
-        String::from_utf8(out.stdout).expect("utf-8 output")
+        stdout_of_success(args, self.xlb(i, args), || self.logs())
     }
 
     pub fn status(&self, i: usize) -> Status {
-        let answer = Client::connect(&self.nodes[i].socket)
-            .and_then(|mut c| c.call(&Request::Status))
-            .unwrap_or_else(|err| panic!("node {i}: status: {err}\n{}", self.logs()));
-        match answer {
-            Response::Status { status } => *status,
-            other => panic!("node {i}: status answered {other:?}"),
-        }
+        self.nodes[i].status()
     }
 
     /// The store revision node `i` has programmed, and whether its watch
@@ -486,19 +333,15 @@ impl Fleet {
         read_rings(&self.nodes[i].pin_dir)
     }
 
-    /// Node `i`'s log so far.
+    /// Node `i`'s log so far, every run of it.
     pub fn log(&self, i: usize) -> String {
-        fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
+        self.nodes[i].logs()
     }
 
     pub fn logs(&self) -> String {
-        let mut out = String::new();
-        for (i, node) in self.nodes.iter().enumerate() {
-            out.push_str(&format!("--- node {i}:\n"));
-            out.push_str(&fs::read_to_string(&node.log).unwrap_or_default());
-        }
+        let mut out: String = self.nodes.iter().map(Node::logs).collect();
         for k in 1..=self.etcd_starts {
-            let log = fs::read_to_string(self.scratch.dir.join(format!("etcd-{k}.log")))
+            let log = fs::read_to_string(self.ground.scratch.dir.join(format!("etcd-{k}.log")))
                 .unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(10).collect();
             out.push_str(&format!("--- etcd run {k} (last lines):\n"));
@@ -516,36 +359,17 @@ impl Fleet {
         let pids: Vec<u32> = self
             .nodes
             .iter()
-            .filter_map(|n| n.process.as_ref().map(Spawned::pid))
+            .filter_map(Node::pid)
             .chain(self.etcd.as_ref().map(Spawned::pid))
             .collect();
         for node in &mut self.nodes {
-            if let Some(process) = node.process.take() {
-                stop(process);
+            if node.pid().is_some() {
+                node.stop();
             }
         }
-        let teardown = Teardown::of(&self.topology, &self.bpffs, &self.scratch, pids);
+        let teardown = self.ground.teardown(pids);
         drop(self);
         teardown.assert_clean();
-    }
-}
-
-/// SIGTERM, then up to 10 s for a clean exit; the guard kills it after.
-fn stop(process: Spawned) {
-    // SAFETY: plain kill(2) of a child this harness started.
-    unsafe { libc::kill(process.pid() as libc::pid_t, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while process.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        for node in &mut self.nodes {
-            drop(node.process.take());
-        }
-        drop(self.etcd.take());
     }
 }
 

@@ -27,6 +27,10 @@
 //!   both removed on drop, also while a failed test unwinds.
 //! - [`daemon`]: [`daemon::await_ready`], the wait for a started `xlb run`
 //!   to answer on its control socket.
+//! - [`site`]: [`site::Site`], built by [`site::SiteBuilder`]: a client,
+//!   an xlb node running the real `xlb run` and decapsulating backends on
+//!   one bridge, IPv4 or dual-stack; and the [`site::Ground`] and
+//!   [`site::Node`] it is made of, which [`fleet`] shares.
 //! - [`teardown`]: [`teardown::Teardown`], the check that a dropped site
 //!   left no namespace, mount, directory or process behind.
 //! - [`plan`]: what the controller's reconcile step plans for a desired
@@ -50,6 +54,7 @@ pub mod fleet;
 pub mod packet;
 pub mod plan;
 pub mod scratch;
+pub mod site;
 pub mod stream;
 pub mod teardown;
 pub mod world;

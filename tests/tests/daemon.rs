@@ -16,11 +16,11 @@
 //! - [`runtime_changes_survive_a_restart`]: the state file carries runtime
 //!   changes over a restart, and the config file's VIPs no longer apply.
 //!
-//! Each test builds its own site (a fabric bridge with the client, the xlb
-//! node and the backends, on 198.18.0.0/15 only), its own scratch directory
-//! (config, state file, control socket) and its own bpffs mount for the
-//! pins. Everything is removed on every way out, and each test checks that
-//! no namespace, mount or daemon process is left.
+//! Each test builds its own site with [`xlb_tests::site`] (a fabric bridge
+//! with the client, the xlb node and the backends, on 198.18.0.0/15 only),
+//! its own scratch directory (config, state file, control socket) and its
+//! own bpffs mount for the pins. Everything is removed on every way out,
+//! and each test checks that no namespace, mount or daemon process is left.
 //!
 //! The binary is `xlb-for-tests`: this package's copy of `xlb`, which is
 //! nothing but `xlb::cli::main` (cargo builds it before these tests).
@@ -31,8 +31,7 @@ use std::{
     io::{BufRead, BufReader, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
     os::unix::net::UnixStream,
-    path::{Path, PathBuf},
-    process::{Command, ExitStatus, Output, Stdio},
+    path::Path,
     thread,
     time::{Duration, Instant},
 };
@@ -40,432 +39,84 @@ use std::{
 use aya::maps::{Array, HashMap, Map, MapData};
 use lb_common::{Backend as BackendEntry, Counter, VipInfo, VipKey, ip_from_addr, map_names};
 use xlb::{
-    api::{Admin, Client, Request, Response, Status},
-    config::{self, NodeConfig},
-    dataplane::{AttachMode, Dataplane, Limits, Role},
+    api::{Admin, Request, Response},
+    config,
     state::{AdminState, Affinity, Backend, Cluster, DesiredState, Proto, Vip},
-    topology::{Host, LinkOpts, Topology},
 };
 use xlb_tests::{
     Pacing, UdpStream,
-    bpffs::{BpfFs, pinned, pinned_counters},
-    daemon::await_ready,
+    bpffs::{pinned, pinned_counters},
     is_verdict,
     plan::plan,
     privileged,
-    scratch::Scratch,
-    teardown::Teardown,
+    site::{CLIENT, Site},
 };
 
 const XLB: &str = env!("CARGO_BIN_EXE_xlb-for-tests");
 
-const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
-const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
-const NODE_V6: &str = "fd00::3";
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
-/// Room for the outer header on the encapsulating hops.
-const MTU: u32 = 1600;
-const LIMITS: Limits = Limits {
-    max_vips: 8,
-    max_backends: 64,
-    ring_capacity: 3 * 65537,
-    conntrack_size: 4096,
-};
-/// A host that only decapsulates: tiny balancer maps.
-const DECAP_LIMITS: Limits = Limits {
-    max_vips: 1,
-    max_backends: 1,
-    ring_capacity: 1,
-    conntrack_size: 256,
-};
-const START_TIMEOUT: Duration = Duration::from_secs(30);
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("an address")
 }
 
 // ---------------------------------------------------------------------------
-// The site.
+// What these tests ask of the site (`xlb_tests::site`).
 
-/// One backend host: the decap program on its interface counts what the
-/// node sent it.
-struct SiteBackend {
-    decap: Dataplane,
-    _host: Host,
+/// A command that must be refused with one line of error naming
+/// `fragment`, changing neither the kernel's maps nor the state file.
+fn refused(site: &Site, args: &[&str], fragment: &str) {
+    let node = &site.node;
+    let kernel = read_kernel(&node.pin_dir);
+    let saved = fs::read(&node.state_file).ok();
+    let out = node.xlb(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "xlb {} was accepted:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr.contains(fragment),
+        "xlb {}: expected {fragment:?} in:\n{stderr}",
+        args.join(" ")
+    );
+    // (clap adds a hint line to its usage errors)
+    let lines = stderr
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
+        .count();
+    assert_eq!(lines, 1, "one line of error, not:\n{stderr}");
+    assert!(
+        kernel == read_kernel(&node.pin_dir),
+        "xlb {}: the maps changed",
+        args.join(" ")
+    );
+    assert_eq!(
+        saved,
+        fs::read(&node.state_file).ok(),
+        "xlb {}: the state file changed",
+        args.join(" ")
+    );
 }
 
-/// Fields drop in order: the daemon first, the programs next, the
-/// namespaces, the mount, the files last.
-struct Site {
-    daemon: Option<Daemon>,
-    backends: Vec<SiteBackend>,
-    _fabric_pass: Dataplane,
-    client: Host,
-    node: Host,
-    topology: Topology,
-    bpffs: BpfFs,
-    scratch: Scratch,
-    config: PathBuf,
-    socket: PathBuf,
-    state_file: PathBuf,
-    pin_dir: PathBuf,
-    starts: u32,
+/// The XDP mode `dev` of the node runs a program in, as `ip link` says
+/// (`xdp` native, `xdpgeneric`), if any.
+fn xdp_on(site: &Site, dev: &str) -> Option<String> {
+    let out = site
+        .node
+        .host
+        .ip(["-d", "link", "show", "dev", dev])
+        .expect("ip link show");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split_whitespace()
+        .find(|word| word.starts_with("xdp"))
+        .map(str::to_owned)
 }
 
-struct SiteOptions<'a> {
-    tag: &'a str,
-    /// Backend hosts, at 198.18.0.11, .12, ...
-    backends: usize,
-    /// IPv6 on: the node gets fd00::3 and `source_v6`. Off: IPv6 is
-    /// disabled on every host, so that no router or listener message
-    /// reaches the balancer.
-    ipv6: bool,
-    /// A second interface on the node, `eth1` (its peer on the client has
-    /// no address), for `xlb attach`.
-    spare: bool,
-    /// `[vip...]` tables for the config file.
-    vips: &'a str,
-}
-
-impl Site {
-    fn build(opts: SiteOptions<'_>) -> Site {
-        let scratch = Scratch::new("daemon", opts.tag);
-        let bpffs = BpfFs::at(scratch.dir.join("bpf"));
-        let topology = Topology::new(&format!("daemon-{}", opts.tag)).expect("topology");
-        let fabric = topology.bridge("fabric").expect("fabric");
-        let host = |name: &str| {
-            let host = topology.host(name).expect("host");
-            if !opts.ipv6 {
-                for key in [
-                    "net.ipv6.conf.all.disable_ipv6",
-                    "net.ipv6.conf.default.disable_ipv6",
-                ] {
-                    host.sysctl(key, "1").expect("disabling IPv6");
-                }
-            }
-            host
-        };
-        if !opts.ipv6 {
-            for key in [
-                "net.ipv6.conf.all.disable_ipv6",
-                "net.ipv6.conf.default.disable_ipv6",
-            ] {
-                fabric.host().sysctl(key, "1").expect("disabling IPv6");
-            }
-        }
-
-        let client = host("client");
-        let client_link = topology
-            .link(
-                &client,
-                &fabric,
-                LinkOpts::new().addr_a(format!("{CLIENT}/24")),
-            )
-            .expect("linking the client");
-        client
-            .add_route(&format!("{VIP}/32"), &[NODE.into()])
-            .expect("routing the VIP via the node");
-        client
-            .set_tx_checksum(&client_link.a.name, false)
-            .expect("tx checksum off");
-
-        let node = host("node");
-        let mut node_opts = LinkOpts::new()
-            .addr_a(format!("{NODE}/24"))
-            .mtu(MTU)
-            .names("eth0", "port-node");
-        if opts.ipv6 {
-            node_opts = node_opts.addr_a(format!("{NODE_V6}/64"));
-        }
-        topology
-            .link(&node, &fabric, node_opts)
-            .expect("linking the node");
-        for key in ["net.ipv4.ip_forward", "net.ipv4.conf.eth0.forwarding"] {
-            node.sysctl(key, "1").expect("forwarding on");
-        }
-        if opts.spare {
-            topology
-                .link(&node, &client, LinkOpts::new().names("eth1", "spare"))
-                .expect("linking the node's spare interface");
-        }
-        // The node's XDP_TX frames land on this port: a veth drops them
-        // unless its receiving end has an XDP program.
-        let fabric_pass = fabric
-            .host()
-            .run_in(|| {
-                let mut dp = Dataplane::load(DECAP_LIMITS).expect("loading the pass program");
-                dp.attach(Role::Decap, "port-node", AttachMode::Native)
-                    .expect("attaching the pass program");
-                dp
-            })
-            .expect("entering the fabric");
-
-        let backends = (0..opts.backends)
-            .map(|i| {
-                let addr = Ipv4Addr::new(198, 18, 0, 11 + i as u8);
-                let host = host(&format!("b{}", i + 1));
-                topology
-                    .link(
-                        &host,
-                        &fabric,
-                        LinkOpts::new().addr_a(format!("{addr}/24")).mtu(MTU),
-                    )
-                    .expect("linking a backend");
-                let dev = "eth0";
-                let decap = host
-                    .run_in(|| {
-                        let mut dp = Dataplane::load(DECAP_LIMITS).expect("loading decap");
-                        dp.decap.add(addr.into()).expect("tunnel endpoint");
-                        dp.attach(Role::Decap, dev, AttachMode::Native)
-                            .expect("attaching decap");
-                        dp
-                    })
-                    .expect("entering a backend");
-                SiteBackend { decap, _host: host }
-            })
-            .collect();
-
-        let dir = &scratch.dir;
-        let config = dir.join("xlb.toml");
-        let socket = dir.join("run/xlb.sock");
-        let state_file = dir.join("state/state.toml");
-        let pin_dir = bpffs.pin_dir();
-        let source_v6 = if opts.ipv6 {
-            format!("source_v6 = \"{NODE_V6}\"\n")
-        } else {
-            String::new()
-        };
-        fs::write(
-            &config,
-            format!(
-                "[node]\n\
-                 interfaces = [\"eth0\"]\n\
-                 attach_mode = \"native\"\n\
-                 source_v4 = \"{NODE}\"\n\
-                 {source_v6}\
-                 api_socket = \"{}\"\n\
-                 state_file = \"{}\"\n\
-                 pin_path = \"{}\"\n\
-                 [node.limits]\n\
-                 max_vips = {}\n\
-                 max_backends = {}\n\
-                 ring_capacity = {}\n\
-                 conntrack_size = {}\n\n{}",
-                socket.display(),
-                state_file.display(),
-                pin_dir.display(),
-                LIMITS.max_vips,
-                LIMITS.max_backends,
-                LIMITS.ring_capacity,
-                LIMITS.conntrack_size,
-                opts.vips
-            ),
-        )
-        .expect("writing the config");
-
-        Site {
-            daemon: None,
-            backends,
-            _fabric_pass: fabric_pass,
-            client,
-            node,
-            topology,
-            bpffs,
-            scratch,
-            config,
-            socket,
-            state_file,
-            pin_dir,
-            starts: 0,
-        }
-    }
-
-    fn node_config(&self) -> NodeConfig {
-        config::load(&self.config).expect("the test's config").node
-    }
-
-    /// Starts `xlb run` in the node's namespace and waits until its control
-    /// API answers.
-    fn start(&mut self) {
-        assert!(self.daemon.is_none(), "a daemon is running already");
-        self.starts += 1;
-        let log = self.scratch.dir.join(format!("daemon-{}.log", self.starts));
-        let file = fs::File::create(&log).expect("creating the daemon log");
-        let mut command = self.node.command(XLB);
-        command
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .env("RUST_LOG", "info")
-            .stdout(file.try_clone().expect("log file"))
-            .stderr(file);
-        let process = self.node.spawn(&mut command).expect("starting xlb run");
-        let daemon = Daemon { process, log };
-        await_ready(
-            "xlb run",
-            &daemon.process,
-            &self.socket,
-            START_TIMEOUT,
-            || daemon.log(),
-        );
-        self.daemon = Some(daemon);
-    }
-
-    /// SIGTERM, and the exit status once it is gone.
-    fn stop(&mut self) -> (ExitStatus, String) {
-        let daemon = self.daemon.take().expect("a running daemon");
-        let pid = daemon.process.pid();
-        // SAFETY: plain kill(2) of the child this test started.
-        assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) }, 0);
-        daemon.wait()
-    }
-
-    fn logs(&self) -> String {
-        let mut out = String::new();
-        for k in 1..=self.starts {
-            let path = self.scratch.dir.join(format!("daemon-{k}.log"));
-            out.push_str(&format!("--- daemon run {k}:\n"));
-            out.push_str(&fs::read_to_string(path).unwrap_or_default());
-        }
-        out
-    }
-
-    /// Runs the command line against the daemon.
-    fn xlb(&self, args: &[&str]) -> Output {
-        Command::new(XLB)
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("running xlb")
-    }
-
-    /// A command that must succeed; its standard output.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.xlb(args);
-        assert!(
-            out.status.success(),
-            "xlb {}: {}\n{}\n{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            self.logs()
-        );
-        String::from_utf8(out.stdout).expect("utf-8 output")
-    }
-
-    /// A command that must be refused with one line of error naming
-    /// `fragment`, changing neither the kernel's maps nor the state file.
-    fn refused(&self, args: &[&str], fragment: &str) {
-        let kernel = read_kernel(&self.pin_dir);
-        let saved = fs::read(&self.state_file).ok();
-        let out = self.xlb(args);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success(),
-            "xlb {} was accepted:\n{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        assert!(
-            stderr.contains(fragment),
-            "xlb {}: expected {fragment:?} in:\n{stderr}",
-            args.join(" ")
-        );
-        // (clap adds a hint line to its usage errors)
-        let lines = stderr
-            .lines()
-            .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
-            .count();
-        assert_eq!(lines, 1, "one line of error, not:\n{stderr}");
-        assert!(
-            kernel == read_kernel(&self.pin_dir),
-            "xlb {}: the maps changed",
-            args.join(" ")
-        );
-        assert_eq!(
-            saved,
-            fs::read(&self.state_file).ok(),
-            "xlb {}: the state file changed",
-            args.join(" ")
-        );
-    }
-
-    fn call(&self, request: &Request) -> Response {
-        Client::connect(&self.socket)
-            .and_then(|mut client| client.call(request))
-            .unwrap_or_else(|err| panic!("{request:?}: {err}\n{}", self.logs()))
-    }
-
-    fn status(&self) -> Status {
-        match self.call(&Request::Status) {
-            Response::Status { status } => *status,
-            other => panic!("status answered {other:?}"),
-        }
-    }
-
-    /// The XDP mode `dev` of the node runs a program in, as `ip link`
-    /// says (`xdp` native, `xdpgeneric`), if any.
-    fn xdp_on(&self, dev: &str) -> Option<String> {
-        let out = self
-            .node
-            .ip(["-d", "link", "show", "dev", dev])
-            .expect("ip link show");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.split_whitespace()
-            .find(|word| word.starts_with("xdp"))
-            .map(str::to_owned)
-    }
-
-    fn attached_xdp(&self) -> bool {
-        self.xdp_on("eth0").is_some()
-    }
-
-    /// Tears down and checks that nothing is left.
-    fn close(mut self) {
-        let pid = self.daemon.as_ref().map(|d| d.process.pid());
-        if self.daemon.is_some() {
-            let (status, log) = self.stop();
-            assert!(status.success(), "xlb run exited with {status}:\n{log}");
-        }
-        let teardown = Teardown::of(&self.topology, &self.bpffs, &self.scratch, pid);
-        drop(self);
-        teardown.assert_clean();
-    }
-}
-
-struct Daemon {
-    process: xlb::topology::Spawned,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait(self) -> (ExitStatus, String) {
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            if self
-                .process
-                .try_wait()
-                .expect("polling the daemon")
-                .is_some()
-            {
-                let log = self.log();
-                let status = self.process.wait_with_output().expect("reaping").status;
-                return (status, log);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "xlb run did not stop within {STOP_TIMEOUT:?}:\n{}",
-                self.log()
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
+fn attached_xdp(site: &Site) -> bool {
+    xdp_on(site, "eth0").is_some()
 }
 
 // ---------------------------------------------------------------------------
@@ -521,9 +172,11 @@ fn kernel_ring_addrs(kernel: &Kernel, ring: &[u32]) -> Vec<Option<IpAddr>> {
 /// The kernel holds exactly the VIPs of `state`, each with the ring the
 /// plan computes for it, slot for slot; and the state file says `state`.
 fn assert_kernel_matches(site: &Site, state: &DesiredState, what: &str) {
-    let node = site.node_config();
+    let node = config::load(&site.node.config)
+        .expect("the test's config")
+        .node;
     let plan = plan(&node, state);
-    let kernel = read_kernel(&site.pin_dir);
+    let kernel = read_kernel(&site.node.pin_dir);
     let planned_keys: BTreeSet<VipKey> = plan.vips.values().map(|v| v.key).collect();
     let kernel_keys: BTreeSet<VipKey> = kernel.vips.keys().copied().collect();
     assert_eq!(kernel_keys, planned_keys, "{what}: the kernel's VIPs");
@@ -550,7 +203,7 @@ fn assert_kernel_matches(site: &Site, state: &DesiredState, what: &str) {
             );
         }
     }
-    let saved = config::load_state(&site.state_file, &node).expect("reading the state file");
+    let saved = config::load_state(&site.node.state_file, &node).expect("reading the state file");
     assert_eq!(&saved, state, "{what}: the state file");
 }
 
@@ -604,7 +257,7 @@ fn step(
     args: &[&str],
     change: impl FnOnce(&mut DesiredState),
 ) -> String {
-    let said = site.ok(args);
+    let said = site.node.ok(args);
     change(model);
     assert_kernel_matches(site, model, &args.join(" "));
     said
@@ -618,22 +271,19 @@ fn cli_changes_reach_the_kernel_rings() {
     if !privileged() {
         return;
     }
-    let mut site = Site::build(SiteOptions {
-        tag: "cli",
-        backends: 0,
-        ipv6: true,
-        spare: true,
-        vips: "",
-    });
-    site.start();
-    let status = site.status();
+    let mut site = Site::builder("daemon-cli", XLB)
+        .ipv6()
+        .spare_interface()
+        .build();
+    site.node.start(&[]);
+    let status = site.node.status();
     assert_eq!(status.attachments.len(), 1, "{status:?}");
     assert_eq!(status.attachments[0].interface, "eth0");
     assert_eq!(status.attachments[0].mode.to_string(), "native");
-    assert!(site.attached_xdp(), "the balancer is on eth0");
+    assert!(attached_xdp(&site), "the balancer is on eth0");
     assert!(status.vips.is_empty());
     assert_eq!(
-        fs::metadata(&site.socket)
+        fs::metadata(&site.node.socket)
             .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
             .ok(),
         Some(0o600),
@@ -641,10 +291,11 @@ fn cli_changes_reach_the_kernel_rings() {
     );
 
     // A second interface, at run time, in the mode asked; then off again.
-    let said = site.ok(&["attach", "eth1", "--mode", "generic"]);
+    let said = site.node.ok(&["attach", "eth1", "--mode", "generic"]);
     assert_eq!(said, "balancer attached to eth1: generic XDP\n");
-    assert_eq!(site.xdp_on("eth1").as_deref(), Some("xdpgeneric"));
+    assert_eq!(xdp_on(&site, "eth1").as_deref(), Some("xdpgeneric"));
     let modes: Vec<(String, String)> = site
+        .node
         .status()
         .attachments
         .iter()
@@ -657,15 +308,16 @@ fn cli_changes_reach_the_kernel_rings() {
             ("eth1".into(), "generic".into())
         ]
     );
-    site.refused(
+    refused(
+        &site,
         &["attach", "eth1"],
         "already attached to eth1 (generic XDP)",
     );
-    site.refused(&["attach", "nope0"], "no interface named \"nope0\"");
-    site.ok(&["detach", "eth1"]);
-    assert_eq!(site.xdp_on("eth1"), None);
-    assert_eq!(site.status().attachments.len(), 1);
-    site.refused(&["detach", "eth1"], "not attached to eth1");
+    refused(&site, &["attach", "nope0"], "no interface named \"nope0\"");
+    site.node.ok(&["detach", "eth1"]);
+    assert_eq!(xdp_on(&site, "eth1"), None);
+    assert_eq!(site.node.status().attachments.len(), 1);
+    refused(&site, &["detach", "eth1"], "not attached to eth1");
 
     let mut model = DesiredState::default();
 
@@ -723,7 +375,7 @@ fn cli_changes_reach_the_kernel_rings() {
             add_backend(m, "web", cluster, name, addr, weight)
         });
     }
-    let kernel = read_kernel(&site.pin_dir);
+    let kernel = read_kernel(&site.node.pin_dir);
     let web = model.vips["web"].clone();
     let slots = kernel_slots(&kernel, &web);
     assert!(
@@ -739,7 +391,7 @@ fn cli_changes_reach_the_kernel_rings() {
             backend_of(m, "web", "east", "e1").admin = AdminState::Drained;
         },
     );
-    let drained = kernel_slots(&read_kernel(&site.pin_dir), &web);
+    let drained = kernel_slots(&read_kernel(&site.node.pin_dir), &web);
     assert!(
         !drained.contains_key(&ip("198.18.0.11")),
         "a drained backend owns no slot"
@@ -849,7 +501,8 @@ fn cli_changes_reach_the_kernel_rings() {
     }
 
     // Refused, with the field or the name, and nothing changed.
-    site.refused(
+    refused(
+        &site,
         &[
             "vip",
             "add",
@@ -860,34 +513,40 @@ fn cli_changes_reach_the_kernel_rings() {
         ],
         "error: vip.\"odd\".ring_size: 65536 is not prime",
     );
-    site.refused(
+    refused(
+        &site,
         &["backend", "add", "nope", "east", "x1", "198.18.0.99"],
         "error: no VIP named \"nope\" (VIPs: dns, web)",
     );
-    site.refused(
+    refused(
+        &site,
         &["cluster", "weight", "web", "south", "2"],
         "error: VIP \"web\" has no cluster \"south\" (clusters: east, standby, west)",
     );
-    site.refused(
+    refused(
+        &site,
         &["backend", "add", "web", "east", "e3", "198.18.0.21"],
         "198.18.0.21 is already the address of",
     );
-    site.refused(
+    refused(
+        &site,
         &["backend", "add", "web", "east", "e3", "198.18.100.1"],
         "the VIP's own address",
     );
-    site.refused(
+    refused(
+        &site,
         &["vip", "add", "web2", "198.18.100.1:80", "--proto", "udp"],
         "vip.\"web2\".addr",
     );
     // An address that is not one is stopped by the parser...
-    site.refused(
+    refused(
+        &site,
         &["backend", "add", "web", "east", "e3", "198.18.0.300"],
         "invalid IP address",
     );
     // ...and by the API, for clients that skip it.
-    let kernel = read_kernel(&site.pin_dir);
-    let mut raw = UnixStream::connect(&site.socket).expect("connecting");
+    let kernel = read_kernel(&site.node.pin_dir);
+    let mut raw = UnixStream::connect(&site.node.socket).expect("connecting");
     raw.write_all(
         b"{\"request\":\"backend_add\",\"vip\":\"web\",\"cluster\":\"east\",\"name\":\"e3\",\"addr\":\"198.18.0.300\"}\n",
     )
@@ -902,11 +561,11 @@ fn cli_changes_reach_the_kernel_rings() {
         ),
         "{answer}"
     );
-    assert!(kernel == read_kernel(&site.pin_dir));
+    assert!(kernel == read_kernel(&site.node.pin_dir));
 
     // What status and the lists say is what the kernel holds.
-    let kernel = read_kernel(&site.pin_dir);
-    let status = site.status();
+    let kernel = read_kernel(&site.node.pin_dir);
+    let status = site.node.status();
     assert_eq!(
         status
             .vips
@@ -936,14 +595,14 @@ fn cli_changes_reach_the_kernel_rings() {
             view.name
         );
     }
-    let listed = site.ok(&["backend", "list", "web"]);
+    let listed = site.node.ok(&["backend", "list", "web"]);
     let header = listed.lines().next().unwrap_or_default();
     assert!(
         header.starts_with("VIP  CLUSTER  BACKEND  ADDRESS"),
         "{listed}"
     );
     assert_eq!(listed.lines().count(), 1 + 4, "{listed}");
-    let json = site.ok(&["backend", "list", "dns", "--json"]);
+    let json = site.node.ok(&["backend", "list", "dns", "--json"]);
     assert!(
         json.trim_start().starts_with('[') && json.contains("\"addr\": \"fd00::53:1\""),
         "{json}"
@@ -954,23 +613,23 @@ fn cli_changes_reach_the_kernel_rings() {
     });
 
     // Off every interface, pins removed, the daemon stops by itself.
-    let said = site.ok(&["detach"]);
+    let said = site.node.ok(&["detach"]);
     assert!(said.contains("detached from eth0"), "{said}");
-    let (exit, log) = site.daemon.take().expect("the daemon").wait();
+    let (exit, log) = site.node.wait_exit();
     assert!(exit.success(), "xlb run after detach: {exit}\n{log}");
-    assert!(!site.attached_xdp(), "no program left on eth0");
-    let left: Vec<_> = fs::read_dir(&site.pin_dir)
+    assert!(!attached_xdp(&site), "no program left on eth0");
+    let left: Vec<_> = fs::read_dir(&site.node.pin_dir)
         .map(|dir| dir.map(|e| e.expect("entry").file_name()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "pins left: {left:?}");
-    assert!(!site.socket.exists(), "the control socket is removed");
-    let out = site.xlb(&["status"]);
+    assert!(!site.node.socket.exists(), "the control socket is removed");
+    let out = site.node.xlb(&["status"]);
     assert!(!out.status.success());
     assert_eq!(
         String::from_utf8_lossy(&out.stderr).trim_end(),
         format!(
             "error: no xlb daemon at {}: start it with `xlb run --config ...`",
-            site.socket.display()
+            site.node.socket.display()
         )
     );
     site.close();
@@ -1024,14 +683,13 @@ fn restarts_under_a_packet_stream_lose_no_packet() {
         return;
     }
     const RESTARTS: usize = 3;
-    let mut site = Site::build(SiteOptions {
-        tag: "stream",
-        backends: 2,
-        ipv6: false,
-        spare: false,
-        vips: STREAM_VIPS,
-    });
-    site.start();
+    let mut site = Site::builder("daemon-stream", XLB)
+        .vip(VIP)
+        .backend("b1", "198.18.0.11")
+        .backend("b2", "198.18.0.12")
+        .config(STREAM_VIPS)
+        .build();
+    site.node.start(&[]);
 
     // Until the node has resolved both backends, packets may take the slow
     // path or none: probe until every probe arrives.
@@ -1054,11 +712,11 @@ fn restarts_under_a_packet_stream_lose_no_packet() {
         assert!(
             Instant::now() < deadline,
             "probes do not get through:\n{}",
-            site.logs()
+            site.node.logs()
         );
     }
 
-    let counters_before = pinned_counters(&site.pin_dir);
+    let counters_before = pinned_counters(&site.node.pin_dir);
     let arrived_before = decapsulated(&site);
     let stream = UdpStream::start(
         &site.client,
@@ -1075,22 +733,22 @@ fn restarts_under_a_packet_stream_lose_no_packet() {
     let mut downtimes = Vec::new();
     for _ in 0..RESTARTS {
         let started = Instant::now();
-        let (exit, log) = site.stop();
+        let (exit, log) = site.node.stop();
         assert!(exit.success(), "xlb run on SIGTERM: {exit}\n{log}");
         assert!(log.contains("SIGTERM"), "{log}");
         assert!(
-            site.attached_xdp(),
+            attached_xdp(&site),
             "the balancer stays attached while no daemon runs"
         );
         thread::sleep(Duration::from_millis(200));
-        site.start();
+        site.node.start(&[]);
         downtimes.push(started.elapsed());
         thread::sleep(Duration::from_millis(300));
     }
     let (sent, failed) = stream.stop();
     thread::sleep(Duration::from_millis(300));
 
-    let counters = pinned_counters(&site.pin_dir);
+    let counters = pinned_counters(&site.node.pin_dir);
     let verdicts = verdicts_since(&counters, &counters_before);
     let arrived: Vec<u64> = decapsulated(&site)
         .iter()
@@ -1114,7 +772,7 @@ fn restarts_under_a_packet_stream_lose_no_packet() {
         balanced,
         BTreeMap::from([(Counter::Tx, sent)]),
         "every packet met the balancer and was sent on: none passed unbalanced or dropped\n{}",
-        site.logs()
+        site.node.logs()
     );
     assert_eq!(
         arrived.iter().sum::<u64>(),
@@ -1154,16 +812,16 @@ fn runtime_changes_survive_a_restart() {
     if !privileged() {
         return;
     }
-    let mut site = Site::build(SiteOptions {
-        tag: "saved",
-        backends: 0,
-        ipv6: false,
-        spare: true,
-        vips: CONFIG_VIPS,
-    });
-    let from_config = config::load(&site.config).expect("config").state;
-    site.start();
-    assert!(!site.state_file.exists(), "nothing saved before a change");
+    let mut site = Site::builder("daemon-saved", XLB)
+        .spare_interface()
+        .config(CONFIG_VIPS)
+        .build();
+    let from_config = config::load(&site.node.config).expect("config").state;
+    site.node.start(&[]);
+    assert!(
+        !site.node.state_file.exists(),
+        "nothing saved before a change"
+    );
     let mut model = from_config.clone();
     let web = model.vips.get_mut("web").unwrap();
     web.clusters
@@ -1197,7 +855,7 @@ fn runtime_changes_survive_a_restart() {
         &["cluster", "add", "api", "east"],
         &["backend", "add", "api", "east", "a1", "198.18.0.41"],
     ] {
-        site.ok(args);
+        site.node.ok(args);
     }
     add_backend(&mut model, "web", "west", "w1", "198.18.0.21", 1);
     add_backend(&mut model, "web", "east", "e3", "198.18.0.13", 2);
@@ -1216,22 +874,25 @@ fn runtime_changes_survive_a_restart() {
     model.vips.insert("api".into(), api);
     add_backend(&mut model, "api", "east", "a1", "198.18.0.41", 1);
     assert_kernel_matches(&site, &model, "before the restart");
-    let kernel_before = read_kernel(&site.pin_dir);
-    site.ok(&["attach", "eth1", "--mode", "generic"]);
+    let kernel_before = read_kernel(&site.node.pin_dir);
+    site.node.ok(&["attach", "eth1", "--mode", "generic"]);
 
-    let (exit, log) = site.stop();
+    let (exit, log) = site.node.stop();
     assert!(exit.success(), "{exit}\n{log}");
-    site.start();
+    site.node.start(&[]);
     assert_kernel_matches(&site, &model, "after the restart");
-    let kernel_after = read_kernel(&site.pin_dir);
+    let kernel_after = read_kernel(&site.node.pin_dir);
     assert!(
         kernel_after == kernel_before,
         "the restart kept the maps as they were: same VIP ids, ring places and backend ids \
          (the drained backend's too, which its established flows use)\n{kernel_before:?}\n{kernel_after:?}"
     );
-    let log = fs::read_to_string(site.scratch.dir.join("daemon-2.log")).expect("log");
+    let log = site.node.log();
     assert!(
-        log.contains(&format!("desired state from {}", site.state_file.display())),
+        log.contains(&format!(
+            "desired state from {}",
+            site.node.state_file.display()
+        )),
         "{log}"
     );
     assert!(
@@ -1241,7 +902,7 @@ fn runtime_changes_survive_a_restart() {
         ),
         "a restart with nothing changed writes nothing:\n{log}"
     );
-    match site.call(&Request::BackendList {
+    match site.node.call(&Request::BackendList {
         vip: Some("web".into()),
     }) {
         Response::Backends { backends } => {
@@ -1254,6 +915,7 @@ fn runtime_changes_survive_a_restart() {
     }
     // The interface attached at run time is taken over too, in its mode.
     let modes: Vec<(String, String)> = site
+        .node
         .status()
         .attachments
         .iter()
@@ -1266,23 +928,23 @@ fn runtime_changes_survive_a_restart() {
             ("eth1".into(), "generic".into())
         ]
     );
-    assert_eq!(site.xdp_on("eth1").as_deref(), Some("xdpgeneric"));
+    assert_eq!(xdp_on(&site, "eth1").as_deref(), Some("xdpgeneric"));
 
     // With no daemon running, `xlb detach --config` takes all down.
-    let (exit, log) = site.stop();
+    let (exit, log) = site.node.stop();
     assert!(exit.success(), "{exit}\n{log}");
     assert!(
-        site.attached_xdp(),
+        attached_xdp(&site),
         "still attached after the daemon stopped"
     );
-    let config = site.config.to_str().expect("utf-8 path").to_owned();
-    let said = site.ok(&["detach", "--config", &config]);
+    let config = site.node.config.to_str().expect("utf-8 path").to_owned();
+    let said = site.node.ok(&["detach", "--config", &config]);
     assert!(
         said.starts_with("no xlb daemon was running; balancer detached from eth0, eth1; "),
         "{said}"
     );
-    assert_eq!((site.xdp_on("eth0"), site.xdp_on("eth1")), (None, None));
-    let left: Vec<_> = fs::read_dir(&site.pin_dir)
+    assert_eq!((xdp_on(&site, "eth0"), xdp_on(&site, "eth1")), (None, None));
+    let left: Vec<_> = fs::read_dir(&site.node.pin_dir)
         .expect("the pin directory")
         .map(|e| e.expect("entry").file_name())
         .collect();

@@ -9,16 +9,17 @@
 //!   connection reaches it, the others keep theirs) and comes back when its
 //!   server does; a whole cluster that stops sends everything to the other,
 //!   and its return restores the shares.
+//! - Via the VIP, for an IPv4 VIP (IPIP) and an IPv6 one (IP6IP6): servers
+//!   that listen on the VIP only are up when probed through the balancer's
+//!   tunnel and refused at their own addresses.
 //!
 //! No timing is asserted: waits have generous deadlines and only say how
 //! long they waited when they fail.
 
 use std::{
     collections::BTreeMap,
-    fs,
     io::{self, BufRead, BufReader, Read, Write},
-    net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    path::PathBuf,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -28,24 +29,14 @@ use std::{
 };
 
 use xlb::{
-    api::{BackendView, Client, HealthState, Request, Response, Status},
-    dataplane::{AttachMode, Dataplane, Limits, Role},
+    api::{BackendView, HealthState, Status},
+    dataplane::Limits,
     health::{ProbeKind, ProbeSpec, ProbeTarget, ProbeVia, Reason, probe::probe},
-    topology::{Host, LinkOpts, Topology},
+    topology::{LinkOpts, Topology},
 };
-use xlb_tests::{bpffs::BpfFs, privileged, scratch::Scratch};
+use xlb_tests::{privileged, site::Site};
 
 const XLB: &str = env!("CARGO_BIN_EXE_xlb-for-tests");
-const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
-const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
-const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
-const MTU: u32 = 1600;
-const DECAP_LIMITS: Limits = Limits {
-    max_vips: 1,
-    max_backends: 1,
-    ring_capacity: 1,
-    conntrack_size: 256,
-};
 /// Generous: a loaded 2-core machine may be slow, never wrong.
 const DEADLINE: Duration = Duration::from_secs(60);
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -374,12 +365,37 @@ fn every_failed_probe_says_why() {
 // ---------------------------------------------------------------------------
 // End to end: the daemon, two clusters, a client.
 
-struct Backend {
-    name: String,
-    host: Host,
-    server: Option<Server>,
-    listen: Listen,
-    _decap: Dataplane,
+/// The backends: e1 and e2 (cluster east), w1 and w2 (west), and the last
+/// part of their addresses.
+const BACKENDS: [(&str, u8); 4] = [("e1", 11), ("e2", 12), ("w1", 21), ("w2", 22)];
+
+/// The family of a site's VIP and backends.
+#[derive(Clone, Copy)]
+enum Family {
+    V4,
+    /// IPv6 VIP and backends (IP6IP6).
+    V6,
+}
+
+impl Family {
+    fn vip(self) -> IpAddr {
+        match self {
+            Family::V4 => Ipv4Addr::new(198, 18, 100, 1).into(),
+            Family::V6 => Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1).into(),
+        }
+    }
+
+    /// Backend `name`'s address.
+    fn addr(self, name: &str) -> IpAddr {
+        let (_, host) = BACKENDS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .expect("a backend");
+        match self {
+            Family::V4 => Ipv4Addr::new(198, 18, 0, *host).into(),
+            Family::V6 => Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, (*host).into()).into(),
+        }
+    }
 }
 
 /// Where a backend's server listens.
@@ -392,38 +408,13 @@ enum Listen {
     VipOnly,
 }
 
-impl Backend {
-    fn start(&mut self) {
-        assert!(self.server.is_none());
-        let ip = match self.listen {
-            Listen::Everywhere => Ipv4Addr::UNSPECIFIED,
-            Listen::VipOnly => VIP,
-        };
-        let listener = self
-            .host
-            .run_in(|| TcpListener::bind((ip, 80)))
-            .expect("entering a backend")
-            .expect("binding port 80");
-        self.server = Some(Server::spawn(listener, backend_service, self.name.clone()));
-    }
-
-    /// Its listener closes: new connections and probes are refused.
-    fn kill(&mut self) {
-        self.server.take().expect("a running server");
-    }
-}
-
-/// Fields drop in order: the daemon, the servers, the namespaces, the
-/// mount, the files.
-struct Site {
-    daemon: Option<xlb::topology::Spawned>,
-    backends: Vec<Backend>,
-    _fabric_pass: Dataplane,
-    client: Host,
-    topology: Topology,
-    _bpffs: BpfFs,
-    scratch: Scratch,
-    socket: PathBuf,
+/// `[node.policy]` lines and the probe tables (a table line or nothing) of
+/// VIP `web` and of its clusters.
+struct Probes<'a> {
+    policy: &'a str,
+    vip: &'a str,
+    east: &'a str,
+    west: &'a str,
 }
 
 /// The probe tables of the standard site: every 150 ms, east over HTTP,
@@ -432,184 +423,111 @@ const PROBES: &str =
     "probe = { interval = 0.15, timeout = 0.1, rise = 2, fall = 2, flap_backoff = 0 }";
 const EAST_PROBE: &str = "probe = { kind = \"http\", path = \"/health\", body = \"ok\" }";
 
-impl Site {
-    /// Two clusters, `east` and `west`, of two backends each, serving on
-    /// every address; east is probed over HTTP, west over TCP, every 150 ms.
-    fn build() -> Site {
-        Self::build_with("e2e", Listen::Everywhere, "", PROBES, EAST_PROBE, "", "")
+/// A site (`xlb_tests::site`) whose daemon probes VIP `web`, port 80, on
+/// two clusters of two backends, each backend serving port 80 until its
+/// server is killed. Fields drop in order: servers, then the site.
+struct Probed {
+    servers: BTreeMap<String, Server>,
+    site: Site,
+    family: Family,
+    listen: Listen,
+}
+
+impl Probed {
+    /// Two clusters, `east` and `west`, of two IPv4 backends each, serving
+    /// on every address; east is probed over HTTP, west over TCP, every
+    /// 150 ms.
+    fn build() -> Probed {
+        let probes = Probes {
+            policy: "",
+            vip: PROBES,
+            east: EAST_PROBE,
+            west: "",
+        };
+        Self::build_with("e2e", Family::V4, Listen::Everywhere, probes, "")
     }
 
-    /// The same site with servers listening as `listen` says, `policy`
-    /// lines for `[node.policy]`, the VIP's, east's and west's probe
-    /// tables given (a table line or nothing), and `more_vips` at the end
-    /// of the config.
+    /// The same site in `family`, servers listening as `listen` says, the
+    /// `probes` given, and `more_vips` at the end of the config.
     fn build_with(
         name: &str,
+        family: Family,
         listen: Listen,
-        policy: &str,
-        vip_probe: &str,
-        east_probe: &str,
-        west_probe: &str,
+        probes: Probes<'_>,
         more_vips: &str,
-    ) -> Site {
-        let scratch = Scratch::new("health", name);
-        let bpffs = BpfFs::at(scratch.dir.join("bpf"));
-        let topology = Topology::new(&format!("health-{name}")).expect("topology");
-        let fabric = topology.bridge("fabric").expect("fabric");
-        let client = topology.host("client").expect("client");
-        let link = topology
-            .link(
-                &client,
-                &fabric,
-                LinkOpts::new().addr_a(format!("{CLIENT}/24")),
-            )
-            .expect("linking the client");
-        client
-            .add_route(&format!("{VIP}/32"), &[NODE.into()])
-            .expect("route");
-        client
-            .set_tx_checksum(&link.a.name, false)
-            .expect("tx checksum off");
-        let node = topology.host("node").expect("node");
-        topology
-            .link(
-                &node,
-                &fabric,
-                LinkOpts::new()
-                    .addr_a(format!("{NODE}/24"))
-                    .mtu(MTU)
-                    .names("eth0", "port-node"),
-            )
-            .expect("linking the node");
-        for key in ["net.ipv4.ip_forward", "net.ipv4.conf.eth0.forwarding"] {
-            node.sysctl(key, "1").expect("forwarding on");
-        }
-        // Via-VIP probes route to the VIP out of the balancer's interface;
-        // the gateway only has to answer ARP: the probe egress program
-        // rewrites the frame for the backend's next hop.
-        node.add_route(&format!("{VIP}/32"), &[CLIENT.into()])
-            .expect("the node's route to the VIP");
-        let fabric_pass = fabric
-            .host()
-            .run_in(|| {
-                let mut dp = Dataplane::load(DECAP_LIMITS).expect("loading the pass program");
-                dp.attach(Role::Decap, "port-node", AttachMode::Native)
-                    .expect("attaching the pass program");
-                dp
+    ) -> Probed {
+        let vip = family.vip();
+        let [e1, e2, w1, w2] = BACKENDS.map(|(name, _)| family.addr(name));
+        let mut site = Site::builder(&format!("health-{name}"), XLB)
+            .vip(vip)
+            .vips_on_backends()
+            .probes_via_vip()
+            // Ring storage for web's 65537 slots and a small (4099) second VIP.
+            .limits(Limits {
+                max_vips: 4,
+                max_backends: 16,
+                ring_capacity: 69636,
+                conntrack_size: 4096,
             })
-            .expect("entering the fabric");
-        let mut backends = Vec::new();
-        for (c, cluster) in ["east", "west"].iter().enumerate() {
-            for i in 0..2 {
-                let name = format!("{}{}", &cluster[..1], i + 1);
-                let addr = Ipv4Addr::new(198, 18, 0, 11 + 10 * c as u8 + i);
-                let host = topology.host(&name).expect("backend");
-                topology
-                    .link(
-                        &host,
-                        &fabric,
-                        LinkOpts::new().addr_a(format!("{addr}/24")).mtu(MTU),
-                    )
-                    .expect("linking a backend");
-                host.add_addr("lo", &format!("{VIP}/32"))
-                    .expect("VIP on lo");
-                for (key, value) in [
-                    ("net.ipv4.conf.all.arp_ignore", "1"),
-                    ("net.ipv4.conf.all.arp_announce", "2"),
-                    ("net.ipv4.conf.all.rp_filter", "0"),
-                    ("net.ipv4.conf.default.rp_filter", "0"),
-                    ("net.ipv4.conf.eth0.rp_filter", "0"),
-                    ("net.ipv4.conf.lo.rp_filter", "0"),
-                ] {
-                    host.sysctl(key, value).expect("sysctl");
-                }
-                let decap = host
-                    .run_in(|| {
-                        let mut dp = Dataplane::load(DECAP_LIMITS).expect("loading decap");
-                        dp.decap.add(addr.into()).expect("tunnel endpoint");
-                        dp.attach(Role::Decap, "eth0", AttachMode::Native)
-                            .expect("attaching decap");
-                        dp
-                    })
-                    .expect("entering a backend");
-                let mut backend = Backend {
-                    name,
-                    host,
-                    server: None,
-                    listen,
-                    _decap: decap,
-                };
-                backend.start();
-                backends.push(backend);
-            }
-        }
-        let dir = &scratch.dir;
-        let socket = dir.join("xlb.sock");
-        let config = dir.join("xlb.toml");
-        // Ring storage for web's 65537 slots and a small (4099) second VIP.
-        fs::write(
-            &config,
-            format!(
-                "[node]\ninterfaces = [\"eth0\"]\nattach_mode = \"native\"\n\
-                 source_v4 = \"{NODE}\"\napi_socket = \"{}\"\nstate_file = \"{}\"\npin_path = \"{}\"\n\
-                 [node.limits]\nmax_vips = 4\nmax_backends = 16\nring_capacity = 69636\nconntrack_size = 4096\n\
-                 [node.policy]\n{policy}\n\
-                 [vip.web]\naddr = \"{VIP}\"\nport = 80\n{vip_probe}\n\
-                 [vip.web.cluster.east]\n{east_probe}\n\
-                 backend.e1 = {{ addr = \"198.18.0.11\" }}\nbackend.e2 = {{ addr = \"198.18.0.12\" }}\n\
-                 [vip.web.cluster.west]\n{west_probe}\n\
-                 backend.w1 = {{ addr = \"198.18.0.21\" }}\nbackend.w2 = {{ addr = \"198.18.0.22\" }}\n\
+            .config(&format!(
+                "[node.policy]\n{}\n\
+                 [vip.web]\naddr = \"{vip}\"\nport = 80\n{}\n\
+                 [vip.web.cluster.east]\n{}\n\
+                 backend.e1 = {{ addr = \"{e1}\" }}\nbackend.e2 = {{ addr = \"{e2}\" }}\n\
+                 [vip.web.cluster.west]\n{}\n\
+                 backend.w1 = {{ addr = \"{w1}\" }}\nbackend.w2 = {{ addr = \"{w2}\" }}\n\
                  {more_vips}",
-                socket.display(),
-                dir.join("state.toml").display(),
-                bpffs.pin_dir().display(),
-            ),
-        )
-        .expect("writing the config");
-        let log = fs::File::create(dir.join("daemon.log")).expect("log");
-        let mut command = node.command(XLB);
-        command
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log);
-        let daemon = node.spawn(&mut command).expect("starting xlb run");
-        let mut site = Site {
-            daemon: Some(daemon),
-            backends,
-            _fabric_pass: fabric_pass,
-            client,
-            topology,
-            _bpffs: bpffs,
-            scratch,
-            socket,
-        };
-        site.wait("the daemon's API", |_| true);
-        site
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.scratch.dir.join("daemon.log")).unwrap_or_default()
-    }
-
-    fn status(&self) -> Option<Status> {
-        match Client::connect(&self.socket).and_then(|mut c| c.call(&Request::Status)) {
-            Ok(Response::Status { status }) => Some(*status),
-            _ => None,
+                probes.policy, probes.vip, probes.east, probes.west
+            ));
+        if let Family::V6 = family {
+            site = site.ipv6();
         }
+        for (name, _) in BACKENDS {
+            site = site.backend(name, &family.addr(name).to_string());
+        }
+        let mut probed = Probed {
+            servers: BTreeMap::new(),
+            site: site.build(),
+            family,
+            listen,
+        };
+        for (name, _) in BACKENDS {
+            probed.serve(name);
+        }
+        probed.site.node.start(&[]);
+        probed
+    }
+
+    /// Backend `name`'s server starts.
+    fn serve(&mut self, name: &str) {
+        let ip = match self.listen {
+            Listen::Everywhere if self.family.vip().is_ipv4() => Ipv4Addr::UNSPECIFIED.into(),
+            Listen::Everywhere => Ipv6Addr::UNSPECIFIED.into(),
+            Listen::VipOnly => self.family.vip(),
+        };
+        let listener = self
+            .site
+            .backend(name)
+            .host
+            .run_in(|| TcpListener::bind((ip, 80)))
+            .expect("entering a backend")
+            .expect("binding port 80");
+        let server = Server::spawn(listener, backend_service, name.to_owned());
+        assert!(self.servers.insert(name.to_owned(), server).is_none());
+    }
+
+    /// Backend `name`'s listener closes: new connections and probes are
+    /// refused.
+    fn kill(&mut self, name: &str) {
+        self.servers.remove(name).expect("a running server");
     }
 
     /// Polls the status until `done` holds; fails after [`DEADLINE`].
-    fn wait(&mut self, what: &str, done: impl Fn(&Status) -> bool) -> Status {
+    fn wait(&self, what: &str, done: impl Fn(&Status) -> bool) -> Status {
         let started = Instant::now();
         loop {
-            if let Some(daemon) = &self.daemon
-                && let Some(exit) = daemon.try_wait().expect("polling the daemon")
-            {
-                panic!("xlb run exited ({exit}):\n{}", self.log());
-            }
-            if let Some(status) = self.status()
+            self.site.node.assert_running();
+            if let Some(status) = self.site.node.try_status()
                 && done(&status)
             {
                 return status;
@@ -618,26 +536,22 @@ impl Site {
                 started.elapsed() < DEADLINE,
                 "waited {:?} for {what}:\n{}",
                 started.elapsed(),
-                self.log()
+                self.site.node.log()
             );
             thread::sleep(Duration::from_millis(50));
         }
     }
 
-    fn backend(&mut self, name: &str) -> &mut Backend {
-        self.backends
-            .iter_mut()
-            .find(|b| b.name == name)
-            .expect("a backend")
-    }
-
-    /// `count` new connections to the VIP: who answered each.
+    /// `count` new connections to the VIP, one after the other: who
+    /// answered each.
     fn connect(&self, count: usize) -> BTreeMap<String, usize> {
-        self.client
+        let vip = self.family.vip();
+        self.site
+            .client
             .run_in(|| {
                 let mut by = BTreeMap::new();
                 for _ in 0..count {
-                    let (_, name) = open();
+                    let (_, name) = open(vip);
                     *by.entry(name).or_default() += 1;
                 }
                 by
@@ -647,15 +561,23 @@ impl Site {
 
     /// `count` connections kept open, each with the backend that answered.
     fn hold(&self, count: usize) -> Vec<(TcpStream, String)> {
-        self.client
-            .run_in(|| (0..count).map(|_| open()).collect())
+        let vip = self.family.vip();
+        self.site
+            .client
+            .run_in(|| (0..count).map(|_| open(vip)).collect())
             .expect("entering the client")
+    }
+
+    /// Stops the servers and the daemon; nothing may be left.
+    fn close(self) {
+        drop(self.servers);
+        self.site.close();
     }
 }
 
 /// Opens one connection to the VIP and reads the answering backend's name.
-fn open() -> (TcpStream, String) {
-    let vip = SocketAddr::from((VIP, 80));
+fn open(vip: IpAddr) -> (TcpStream, String) {
+    let vip = SocketAddr::from((vip, 80));
     let mut stream = TcpStream::connect_timeout(&vip, IO_TIMEOUT).expect("connecting to the VIP");
     stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
     stream.write_all(b"who\n").expect("sending");
@@ -719,7 +641,7 @@ fn failed_backends_and_clusters_leave_the_rings_and_come_back() {
     if !privileged() {
         return;
     }
-    let mut site = Site::build();
+    let mut site = Probed::build();
     let all_probed = |s: &Status| {
         s.vips[0]
             .backends
@@ -749,7 +671,7 @@ fn failed_backends_and_clusters_leave_the_rings_and_come_back() {
     let mut held = site.hold(40);
 
     // One backend's server stops.
-    site.backend("e1").kill();
+    site.kill("e1");
     let down = site.wait("e1 down", |s| is(s, "e1", HealthState::Down));
     let e1 = backend_view(&down, "e1");
     assert_eq!(e1.slots, 0, "e1 left the ring");
@@ -793,7 +715,7 @@ fn failed_backends_and_clusters_leave_the_rings_and_come_back() {
     assert_alive(&mut held, "after e1 went down");
 
     // It comes back after rise probes.
-    site.backend("e1").start();
+    site.serve("e1");
     let up = site.wait("e1 up", |s| is(s, "e1", HealthState::Up));
     assert_eq!(last_transition(&up, "e1"), Some("up (passed)"));
     assert_eq!(shares(&up), initial, "shares are back to the weights");
@@ -805,8 +727,8 @@ fn failed_backends_and_clusters_leave_the_rings_and_come_back() {
     assert_alive(&mut held, "after e1 came back");
 
     // The whole east cluster stops: everything goes west.
-    site.backend("e1").kill();
-    site.backend("e2").kill();
+    site.kill("e1");
+    site.kill("e2");
     site.wait("east down", |s| {
         is(s, "e1", HealthState::Down) && is(s, "e2", HealthState::Down)
     });
@@ -820,8 +742,8 @@ fn failed_backends_and_clusters_leave_the_rings_and_come_back() {
     assert_alive(&mut held, "while east is down");
 
     // East returns: the shares are the weights' again.
-    site.backend("e1").start();
-    site.backend("e2").start();
+    site.serve("e1");
+    site.serve("e2");
     let restored = site.wait("east up", |s| {
         is(s, "e1", HealthState::Up) && is(s, "e2", HealthState::Up)
     });
@@ -833,15 +755,8 @@ fn failed_backends_and_clusters_leave_the_rings_and_come_back() {
     );
     assert_alive(&mut held, "after east came back");
 
-    // SIGTERM; then everything goes.
-    let daemon = site.daemon.take().expect("daemon");
-    // SAFETY: plain kill(2) of the child this test started.
-    unsafe { libc::kill(daemon.pid() as libc::pid_t, libc::SIGTERM) };
-    let _ = daemon.wait_with_output();
     drop(held);
-    let prefix = site.topology.prefix().to_owned();
-    drop(site);
-    assert!(Topology::leftovers(&prefix).expect("listing").is_empty());
+    site.close();
 }
 
 /// Echoes UDP datagrams on `socket` until `stop`.
@@ -870,29 +785,51 @@ fn via_vip_probes_reach_the_vip_on_each_backend_through_the_tunnel() {
     if !privileged() {
         return;
     }
-    let mut site = Site::build_with(
-        "via-vip",
+    via_vip_probes("via-vip", Family::V4);
+}
+
+/// The same with an IPv6 VIP and IPv6 backends: the probes leave the node
+/// in IP6IP6.
+#[test]
+fn via_vip_probes_reach_an_ipv6_vip_on_each_backend_through_the_tunnel() {
+    if !privileged() {
+        return;
+    }
+    via_vip_probes("via-vip6", Family::V6);
+}
+
+fn via_vip_probes(name: &str, family: Family) {
+    let vip = family.vip();
+    let (e1, e2) = (family.addr("e1"), family.addr("e2"));
+    let mut site = Probed::build_with(
+        name,
+        family,
         Listen::VipOnly,
-        // West stays down all along: with one of four backends up, panic
-        // would send connections to every backend, the dead one included.
-        "panic_threshold = 0",
-        "probe = { interval = 0.15, timeout = 0.1, rise = 2, fall = 2, flap_backoff = 0, via = \"vip\" }",
-        EAST_PROBE,
-        "probe = { via = \"backend\" }",
-        "[vip.web-udp]\naddr = \"198.18.100.1\"\nport = 9001\nproto = \"udp\"\nring_size = 4099\n\
-         probe = { kind = \"udp\", via = \"vip\", payload = \"hello\", expect = \"hello\", \
-         interval = 0.15, timeout = 0.1, rise = 2, fall = 2, flap_backoff = 0 }\n\
-         [vip.web-udp.cluster.east]\n\
-         backend.e1 = { addr = \"198.18.0.11\" }\nbackend.e2 = { addr = \"198.18.0.12\" }\n",
+        Probes {
+            // West stays down all along: with one of four backends up, panic
+            // would send connections to every backend, the dead one included.
+            policy: "panic_threshold = 0",
+            vip: "probe = { interval = 0.15, timeout = 0.1, rise = 2, fall = 2, flap_backoff = 0, via = \"vip\" }",
+            east: EAST_PROBE,
+            west: "probe = { via = \"backend\" }",
+        },
+        &format!(
+            "[vip.web-udp]\naddr = \"{vip}\"\nport = 9001\nproto = \"udp\"\nring_size = 4099\n\
+             probe = {{ kind = \"udp\", via = \"vip\", payload = \"hello\", expect = \"hello\", \
+             interval = 0.15, timeout = 0.1, rise = 2, fall = 2, flap_backoff = 0 }}\n\
+             [vip.web-udp.cluster.east]\n\
+             backend.e1 = {{ addr = \"{e1}\" }}\nbackend.e2 = {{ addr = \"{e2}\" }}\n"
+        ),
     );
     let stop_echo = Arc::new(AtomicBool::new(false));
     let echoes: Vec<JoinHandle<()>> = ["e1", "e2"]
         .iter()
         .map(|name| {
             let socket = site
+                .site
                 .backend(name)
                 .host
-                .run_in(|| UdpSocket::bind((VIP, 9001)))
+                .run_in(|| UdpSocket::bind((vip, 9001)))
                 .expect("entering a backend")
                 .expect("binding the VIP's UDP port");
             udp_echo(socket, Arc::clone(&stop_echo))
@@ -915,12 +852,13 @@ fn via_vip_probes_reach_the_vip_on_each_backend_through_the_tunnel() {
                 probe.via.as_str(),
                 probe.target.as_str()
             ),
-            ("http", "vip", "198.18.100.1:80"),
+            ("http", "vip", SocketAddr::new(vip, 80).to_string().as_str()),
             "{name}"
         );
         assert_eq!(probe.last_result.as_deref(), Some("ok"), "{name}");
     }
-    for (name, addr) in [("w1", "198.18.0.21:80"), ("w2", "198.18.0.22:80")] {
+    for name in ["w1", "w2"] {
+        let addr = SocketAddr::new(family.addr(name), 80).to_string();
         let probe = backend_view(&settled, name).probe.clone().unwrap();
         assert_eq!(
             (
@@ -928,7 +866,7 @@ fn via_vip_probes_reach_the_vip_on_each_backend_through_the_tunnel() {
                 probe.via.as_str(),
                 probe.target.as_str()
             ),
-            ("tcp", "backend", addr)
+            ("tcp", "backend", addr.as_str())
         );
         assert_eq!(probe.last_transition.as_deref(), Some("down (refused)"));
     }
@@ -949,7 +887,12 @@ fn via_vip_probes_reach_the_vip_on_each_backend_through_the_tunnel() {
                 probe.target.as_str(),
                 probe.state.as_str()
             ),
-            ("udp", "vip", "198.18.100.1:9001", "up"),
+            (
+                "udp",
+                "vip",
+                SocketAddr::new(vip, 9001).to_string().as_str(),
+                "up"
+            ),
             "{}",
             b.name
         );
@@ -965,6 +908,23 @@ fn via_vip_probes_reach_the_vip_on_each_backend_through_the_tunnel() {
         "{:?}",
         settled.counters
     );
+    // The doctor finds the node's route to the VIP where the probes need it.
+    let doctor = site
+        .site
+        .node
+        .host
+        .command(XLB)
+        .args(["doctor", "--role", "node", "--config"])
+        .arg(&site.site.node.config)
+        .output()
+        .expect("running xlb doctor");
+    let report = String::from_utf8_lossy(&doctor.stdout);
+    assert!(
+        report.contains(&format!(
+            "ok    route to VIP {vip} for via-VIP probes: dev eth0"
+        )),
+        "{report}"
+    );
     let clients = site.connect(30);
     assert!(
         clients.keys().all(|name| name.starts_with('e')),
@@ -972,7 +932,7 @@ fn via_vip_probes_reach_the_vip_on_each_backend_through_the_tunnel() {
     );
 
     // e1's server dies: only its probes fail, through the VIP.
-    site.backend("e1").kill();
+    site.kill("e1");
     let down = site.wait("e1 down through the VIP", |s| {
         is(s, "e1", HealthState::Down)
     });
@@ -982,19 +942,13 @@ fn via_vip_probes_reach_the_vip_on_each_backend_through_the_tunnel() {
     assert_eq!(only_e2.keys().collect::<Vec<_>>(), ["e2"], "{only_e2:?}");
 
     // And it comes back when its server does.
-    site.backend("e1").start();
+    site.serve("e1");
     let up = site.wait("e1 up again", |s| is(s, "e1", HealthState::Up));
     assert_eq!(last_transition(&up, "e1"), Some("up (passed)"));
 
-    let daemon = site.daemon.take().expect("daemon");
-    // SAFETY: plain kill(2) of the child this test started.
-    unsafe { libc::kill(daemon.pid() as libc::pid_t, libc::SIGTERM) };
-    let _ = daemon.wait_with_output();
     stop_echo.store(true, Ordering::SeqCst);
     for echo in echoes {
         echo.join().expect("a UDP echo thread");
     }
-    let prefix = site.topology.prefix().to_owned();
-    drop(site);
-    assert!(Topology::leftovers(&prefix).expect("listing").is_empty());
+    site.close();
 }

@@ -30,7 +30,7 @@ use std::{
         fd::{FromRawFd, OwnedFd},
         unix::process::CommandExt as _,
     },
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -38,28 +38,21 @@ use std::{
 
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use lb_common::{FlowSet, Traffic, map_names};
-use xlb::{
-    api::{Client, Request, Response, Status},
-    dataplane::{AttachMode, Dataplane, Limits, Role},
-    topology::{Host, LinkOpts, Spawned, Topology},
-};
+use xlb::dataplane::Limits;
 use xlb_tests::{
     Pacing, UdpStream,
-    bpffs::{BpfFs, pinned, pinned_counters},
-    daemon::await_ready,
+    bpffs::{pinned, pinned_counters},
     exposition::{Exposition, promtool_check},
     privileged,
     scratch::Scratch,
+    site::{CLIENT, METRICS, Site},
 };
 
 const XLB: &str = env!("CARGO_BIN_EXE_xlb-for-tests");
 
-const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
-const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
 const IDLE_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 2);
 const PORT: u16 = 5353;
-const MTU: u32 = 1600;
 /// A connection table of 1024 sets: fewer than the exporter samples, so its
 /// entry count is exact.
 const LIMITS: Limits = Limits {
@@ -68,13 +61,6 @@ const LIMITS: Limits = Limits {
     ring_capacity: 4 * 65537,
     conntrack_size: 4096,
 };
-const DECAP_LIMITS: Limits = Limits {
-    max_vips: 1,
-    max_backends: 1,
-    ring_capacity: 1,
-    conntrack_size: 256,
-};
-const METRICS: &str = "127.0.0.1:9730";
 const PROMETHEUS: &str = "127.0.0.1:9090";
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -101,214 +87,26 @@ backend.e1 = { addr = \"198.18.0.11\" }
 
 // ---------------------------------------------------------------------------
 // The site: a client, the xlb node and two decapsulating backends on one
-// bridge, a scratch directory and a private bpffs; all removed on drop.
+// bridge (`xlb_tests::site`), and what these tests do with it.
 
-/// Fields drop in order: processes, programs, namespaces, mount, files.
-struct Site {
-    daemon: Option<Spawned>,
-    prometheus: Option<Spawned>,
-    _backends: Vec<(Dataplane, Host)>,
-    _fabric_pass: Dataplane,
-    client: Host,
-    node: Host,
-    topology: Topology,
-    _bpffs: BpfFs,
-    scratch: Scratch,
-    config: PathBuf,
-    socket: PathBuf,
-    pin_dir: PathBuf,
+fn site(tag: &str, extra_config: &str) -> Site {
+    Site::builder(&format!("metrics-{tag}"), XLB)
+        .vip(VIP)
+        .vip(IDLE_VIP)
+        .backend("b1", "198.18.0.11")
+        .backend("b2", "198.18.0.12")
+        .limits(LIMITS)
+        .config(&format!("{extra_config}\n{VIPS}"))
+        .build()
 }
 
-impl Site {
-    fn build(tag: &str, extra_config: &str) -> Site {
-        let scratch = Scratch::new("metrics", tag);
-        let bpffs = BpfFs::at(scratch.dir.join("bpf"));
-        let topology = Topology::new(&format!("metrics-{tag}")).expect("topology");
-        let fabric = topology.bridge("fabric").expect("fabric");
-        let host = |name: &str| {
-            let host = topology.host(name).expect("host");
-            host.sysctl("net.ipv6.conf.all.disable_ipv6", "1")
-                .expect("IPv6 off");
-            host
-        };
-        fabric
-            .host()
-            .sysctl("net.ipv6.conf.all.disable_ipv6", "1")
-            .expect("IPv6 off");
-        let client = host("client");
-        let link = topology
-            .link(
-                &client,
-                &fabric,
-                LinkOpts::new().addr_a(format!("{CLIENT}/24")),
-            )
-            .expect("linking the client");
-        for vip in [VIP, IDLE_VIP] {
-            client
-                .add_route(&format!("{vip}/32"), &[NODE.into()])
-                .expect("routing the VIP via the node");
-        }
-        client
-            .set_tx_checksum(&link.a.name, false)
-            .expect("tx checksum off");
-        let node = host("node");
-        topology
-            .link(
-                &node,
-                &fabric,
-                LinkOpts::new()
-                    .addr_a(format!("{NODE}/24"))
-                    .mtu(MTU)
-                    .names("eth0", "port-node"),
-            )
-            .expect("linking the node");
-        for key in ["net.ipv4.ip_forward", "net.ipv4.conf.eth0.forwarding"] {
-            node.sysctl(key, "1").expect("forwarding on");
-        }
-        // The node's XDP_TX frames land on this port, which drops them
-        // unless it runs an XDP program.
-        let fabric_pass = fabric
-            .host()
-            .run_in(|| {
-                let mut dp = Dataplane::load(DECAP_LIMITS).expect("loading the pass program");
-                dp.attach(Role::Decap, "port-node", AttachMode::Native)
-                    .expect("attaching the pass program");
-                dp
-            })
-            .expect("entering the fabric");
-        let backends = (0..2u8)
-            .map(|i| {
-                let addr = Ipv4Addr::new(198, 18, 0, 11 + i);
-                let host = host(&format!("b{}", i + 1));
-                topology
-                    .link(
-                        &host,
-                        &fabric,
-                        LinkOpts::new().addr_a(format!("{addr}/24")).mtu(MTU),
-                    )
-                    .expect("linking a backend");
-                let dp = host
-                    .run_in(|| {
-                        let mut dp = Dataplane::load(DECAP_LIMITS).expect("loading decap");
-                        dp.decap.add(addr.into()).expect("tunnel endpoint");
-                        dp.attach(Role::Decap, "eth0", AttachMode::Native)
-                            .expect("attaching decap");
-                        dp
-                    })
-                    .expect("entering a backend");
-                (dp, host)
-            })
-            .collect();
-        let dir = &scratch.dir;
-        let config = dir.join("xlb.toml");
-        let socket = dir.join("xlb.sock");
-        let pin_dir = bpffs.pin_dir();
-        fs::write(
-            &config,
-            format!(
-                "[node]\ninterfaces = [\"eth0\"]\nattach_mode = \"native\"\nsource_v4 = \"{NODE}\"\n\
-                 api_socket = \"{}\"\nstate_file = \"{}\"\npin_path = \"{}\"\n\
-                 [node.limits]\nmax_vips = {}\nmax_backends = {}\nring_capacity = {}\nconntrack_size = {}\n\
-                 {extra_config}\n{VIPS}",
-                socket.display(),
-                dir.join("state.toml").display(),
-                pin_dir.display(),
-                LIMITS.max_vips,
-                LIMITS.max_backends,
-                LIMITS.ring_capacity,
-                LIMITS.conntrack_size,
-            ),
-        )
-        .expect("writing the config");
-        Site {
-            daemon: None,
-            prometheus: None,
-            _backends: backends,
-            _fabric_pass: fabric_pass,
-            client,
-            node,
-            topology,
-            _bpffs: bpffs,
-            scratch,
-            config,
-            socket,
-            pin_dir,
-        }
-    }
+trait Metered {
+    fn wait_until_forwarding(&self);
+    fn send(&self, vip: Ipv4Addr, flows: usize, each: usize);
+    fn vip_traffic(&self, name: &str) -> Traffic;
+}
 
-    fn log_path(&self) -> PathBuf {
-        self.scratch.dir.join("daemon.log")
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
-    /// Starts `xlb run` in the node and waits until its API answers.
-    fn start(&mut self, args: &[&str]) {
-        let file = fs::File::create(self.log_path()).expect("the daemon log");
-        let mut command = self.node.command(XLB);
-        command
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(file.try_clone().expect("log file"))
-            .stderr(file);
-        let daemon = self.node.spawn(&mut command).expect("starting xlb run");
-        await_ready("xlb run", &daemon, &self.socket, DEADLINE, || self.log());
-        self.daemon = Some(daemon);
-    }
-
-    /// SIGTERM; the daemon must exit 0.
-    fn stop(&mut self) {
-        let daemon = self.daemon.take().expect("a running daemon");
-        // SAFETY: kill(2) of the child this test started.
-        assert_eq!(unsafe { libc::kill(daemon.pid() as i32, libc::SIGTERM) }, 0);
-        let status = daemon.wait_with_output().expect("reaping").status;
-        assert!(status.success(), "xlb run exited {status}:\n{}", self.log());
-    }
-
-    fn status(&self) -> Status {
-        match Client::connect(&self.socket)
-            .and_then(|mut c| c.call(&Request::Status))
-            .expect("status")
-        {
-            Response::Status { status } => *status,
-            other => panic!("status answered {other:?}"),
-        }
-    }
-
-    /// `GET http://ADDR/PATH` from inside the node; the status code and body.
-    fn http_get(&self, addr: &str, path: &str) -> (u16, String) {
-        let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-        let addr: SocketAddr = addr.parse().expect("an address");
-        let raw = self
-            .node
-            .run_in(|| -> io::Result<String> {
-                let mut stream = TcpStream::connect(addr)?;
-                stream.write_all(request.as_bytes())?;
-                let mut raw = String::new();
-                stream.read_to_string(&mut raw)?;
-                Ok(raw)
-            })
-            .expect("entering the node")
-            .unwrap_or_else(|err| panic!("GET http://{addr}{path}: {err}"));
-        let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
-        let code = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .expect("a status code");
-        (code, body.to_owned())
-    }
-
-    fn scrape(&self) -> String {
-        let (code, body) = self.http_get(METRICS, "/metrics");
-        assert_eq!(code, 200, "GET /metrics: {body}");
-        body
-    }
-
+impl Metered for Site {
     /// Datagrams from the client until both backends' next hops are known
     /// and every datagram gets through.
     fn wait_until_forwarding(&self) {
@@ -323,7 +121,7 @@ impl Site {
             assert!(
                 Instant::now() < deadline,
                 "traffic does not get through:\n{}",
-                self.log()
+                self.node.log()
             );
         }
     }
@@ -344,26 +142,14 @@ impl Site {
 
     fn vip_traffic(&self, name: &str) -> Traffic {
         let id = self
+            .node
             .status()
             .vips
             .iter()
             .find(|v| v.name == name)
             .and_then(|v| v.id)
             .expect("a programmed VIP");
-        per_cpu_traffic(&self.pin_dir, map_names::VIP_STATS, id)
-    }
-
-    fn close(mut self) {
-        self.prometheus.take();
-        if self.daemon.is_some() {
-            self.stop();
-        }
-        let prefix = self.topology.prefix().to_owned();
-        drop(self);
-        assert_eq!(
-            Topology::leftovers(&prefix).expect("listing namespaces"),
-            Vec::<String>::new()
-        );
+        per_cpu_traffic(&self.node.pin_dir, map_names::VIP_STATS, id)
     }
 }
 
@@ -411,8 +197,8 @@ fn metrics_equal_the_maps_after_known_traffic() {
     if !privileged() {
         return;
     }
-    let mut site = Site::build("maps", "");
-    site.start(&[]);
+    let mut site = site("maps", "");
+    site.node.start(&[]);
     site.wait_until_forwarding();
 
     let before = site.vip_traffic("web");
@@ -425,14 +211,14 @@ fn metrics_equal_the_maps_after_known_traffic() {
         assert!(
             Instant::now() < deadline,
             "datagrams missing:\n{}",
-            site.log()
+            site.node.log()
         );
         thread::sleep(Duration::from_millis(20));
     }
 
-    let text = site.scrape();
+    let text = site.node.scrape();
     let metrics = Exposition::parse(&text);
-    let status = site.status();
+    let status = site.node.status();
     let web = site.vip_traffic("web");
     assert_eq!(web.packets - before.packets, (FLOWS * EACH) as u64);
     assert_eq!(web.new_flows - before.new_flows, FLOWS as u64);
@@ -443,7 +229,7 @@ fn metrics_equal_the_maps_after_known_traffic() {
     for vip in &status.vips {
         for b in &vip.backends {
             let t = per_cpu_traffic(
-                &site.pin_dir,
+                &site.node.pin_dir,
                 map_names::BACKEND_STATS,
                 b.id.expect("an id"),
             );
@@ -477,7 +263,7 @@ fn metrics_equal_the_maps_after_known_traffic() {
         clusters[&("web".into(), "east".into())] > 0
             && clusters[&("web".into(), "west".into())] > 0
     );
-    for (counter, value) in pinned_counters(&site.pin_dir) {
+    for (counter, value) in pinned_counters(&site.node.pin_dir) {
         let sample = match xlb::metrics::verdict_of(counter) {
             Some(program) => metrics.get(
                 "xlb_verdict_packets_total",
@@ -489,7 +275,7 @@ fn metrics_equal_the_maps_after_known_traffic() {
     }
     assert_eq!(
         metrics.get("xlb_conntrack_entries", &[]),
-        conntrack_entries(&site.pin_dir) as f64
+        conntrack_entries(&site.node.pin_dir) as f64
     );
     assert!(metrics.get("xlb_conntrack_entries", &[]) >= FLOWS as f64);
     assert_eq!(metrics.get("xlb_conntrack_capacity_entries", &[]), 4096.0);
@@ -504,12 +290,7 @@ fn metrics_equal_the_maps_after_known_traffic() {
     promtool_check(&text);
 
     // `xlb stats --json`: the same totals (no traffic flows now).
-    let out = Command::new(XLB)
-        .args(["--socket"])
-        .arg(&site.socket)
-        .args(["stats", "--json", "--interval", "0.2"])
-        .output()
-        .expect("xlb stats");
+    let out = site.node.xlb(&["stats", "--json", "--interval", "0.2"]);
     assert!(
         out.status.success(),
         "{}",
@@ -527,12 +308,7 @@ fn metrics_equal_the_maps_after_known_traffic() {
     assert_eq!(json["rates"]["vips"][0]["rate"]["packets_per_sec"], 0.0);
 
     // The human table names the VIP with SI units.
-    let out = Command::new(XLB)
-        .args(["--socket"])
-        .arg(&site.socket)
-        .args(["stats", "--interval", "0.2"])
-        .output()
-        .expect("xlb stats");
+    let out = site.node.xlb(&["stats", "--interval", "0.2"]);
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && table.contains("198.18.100.1:5353/udp"),
@@ -541,7 +317,7 @@ fn metrics_equal_the_maps_after_known_traffic() {
     assert!(table.contains(" pps"), "{table}");
 
     // Not /metrics: 404, said plainly.
-    assert_eq!(site.http_get(METRICS, "/").0, 404);
+    assert_eq!(site.node.http_get(METRICS, "/").0, 404);
     site.close();
 }
 
@@ -550,12 +326,12 @@ fn prometheus_scrapes_a_rate_for_the_vip() {
     if !privileged() {
         return;
     }
-    let mut site = Site::build("prom", &format!("[metrics]\nlisten = \"{METRICS}\"\n"));
-    site.start(&[]);
+    let mut site = site("prom", &format!("[metrics]\nlisten = \"{METRICS}\"\n"));
+    site.node.start(&[]);
     site.wait_until_forwarding();
 
-    let data = site.scratch.dir.join("prometheus");
-    let prom_config = site.scratch.dir.join("prometheus.yml");
+    let data = site.dir().join("prometheus");
+    let prom_config = site.dir().join("prometheus.yml");
     fs::write(
         &prom_config,
         format!(
@@ -564,17 +340,17 @@ fn prometheus_scrapes_a_rate_for_the_vip() {
         ),
     )
     .expect("writing the Prometheus config");
-    let log = fs::File::create(site.scratch.dir.join("prometheus.log")).expect("log");
-    let mut command = site.node.command("prometheus");
+    let log = fs::File::create(site.dir().join("prometheus.log")).expect("log");
+    let mut command = site.node.host.command("prometheus");
     command
         .arg(format!("--config.file={}", prom_config.display()))
         .arg(format!("--storage.tsdb.path={}", data.display()))
         .arg(format!("--web.listen-address={PROMETHEUS}"))
         .stdout(log.try_clone().expect("log"))
         .stderr(log);
-    site.prometheus = Some(site.node.spawn(&mut command).expect(
+    let prometheus = site.node.host.spawn(&mut command).expect(
         "starting prometheus (Debian's prometheus package; `cargo xtask setup` installs it)",
-    ));
+    );
 
     let stream = UdpStream::start(
         &site.client,
@@ -591,9 +367,10 @@ fn prometheus_scrapes_a_rate_for_the_vip() {
     let rates = loop {
         let answer = site
             .node
+            .host
             .run_in(|| TcpStream::connect(PROMETHEUS).is_ok())
             .expect("entering the node")
-            .then(|| site.http_get(PROMETHEUS, query).1);
+            .then(|| site.node.http_get(PROMETHEUS, query).1);
         let rates: BTreeMap<String, f64> = answer
             .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
             .and_then(|json| json["data"]["result"].as_array().cloned())
@@ -611,7 +388,7 @@ fn prometheus_scrapes_a_rate_for_the_vip() {
         assert!(
             Instant::now() < deadline,
             "Prometheus has no rate for the VIP: {rates:?}\n{}",
-            fs::read_to_string(site.scratch.dir.join("prometheus.log")).unwrap_or_default()
+            fs::read_to_string(site.dir().join("prometheus.log")).unwrap_or_default()
         );
         thread::sleep(Duration::from_millis(500));
     };
@@ -619,6 +396,7 @@ fn prometheus_scrapes_a_rate_for_the_vip() {
     eprintln!("Prometheus rates: {rates:?}; sent {sent} ({failed} failed)");
     assert!(rates["web"] > 0.0, "{rates:?}");
     assert_eq!(rates["idle"], 0.0, "{rates:?}");
+    drop(prometheus);
     site.close();
 }
 
@@ -733,8 +511,8 @@ fn top_draws_rows_and_quits_on_q_or_ctrl_c() {
     if !privileged() {
         return;
     }
-    let mut site = Site::build("top", "[metrics]\nenabled = false\n");
-    site.start(&[]);
+    let mut site = site("top", "[metrics]\nenabled = false\n");
+    site.node.start(&[]);
     site.wait_until_forwarding();
     let stream = UdpStream::start(
         &site.client,
@@ -754,7 +532,7 @@ fn top_draws_rows_and_quits_on_q_or_ctrl_c() {
         "idle",
     ];
     for key in [&b"q"[..], &b"\x03"[..]] {
-        let (status, screen) = top_until(&site.socket, &rows, key);
+        let (status, screen) = top_until(&site.node.socket, &rows, key);
         assert!(status.success(), "xlb top exited {status} on {key:?}");
         // The terminal was restored: the alternate screen left, the cursor shown.
         assert!(screen.contains("\x1b[?1049l"), "alternate screen not left");
@@ -764,6 +542,7 @@ fn top_draws_rows_and_quits_on_q_or_ctrl_c() {
     // With [metrics] enabled = false nothing listens.
     assert!(
         site.node
+            .host
             .run_in(|| TcpStream::connect(METRICS).is_err())
             .expect("entering the node"),
         "/metrics is served although disabled"
@@ -776,26 +555,27 @@ fn xdp_debug_log_reaches_the_daemon_log_when_on() {
     if !privileged() {
         return;
     }
-    let mut site = Site::build("log", "");
-    site.start(&[]);
+    let mut site = site("log", "");
+    site.node.start(&[]);
     site.wait_until_forwarding();
     site.send(VIP, 4, 1);
     thread::sleep(Duration::from_millis(300));
     assert!(
-        !site.log().contains("verdict"),
+        !site.node.log().contains("verdict"),
         "off by default:\n{}",
-        site.log()
+        site.node.log()
     );
-    site.stop();
+    let (status, log) = site.node.stop();
+    assert!(status.success(), "xlb run exited {status}:\n{log}");
 
-    site.start(&["--xdp-log", "debug"]);
+    site.node.start(&["--xdp-log", "debug"]);
     let deadline = Instant::now() + DEADLINE;
-    while !site.log().contains("verdict tx") {
+    while !site.node.log().contains("verdict tx") {
         site.send(VIP, 4, 1);
         assert!(
             Instant::now() < deadline,
             "no verdict line in the daemon log:\n{}",
-            site.log()
+            site.node.log()
         );
         thread::sleep(Duration::from_millis(100));
     }
