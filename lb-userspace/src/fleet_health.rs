@@ -196,6 +196,22 @@ impl Holder {
             && self.netns == other.netns
             && self.pin_path == other.pin_path
     }
+
+    /// Whether this holder's process, on this machine, still runs beside
+    /// the caller: then it is no earlier run but a second daemon, which
+    /// keeps its name. (A pid reused after a reboot only costs the wait
+    /// for the old lease.)
+    fn still_runs(&self) -> bool {
+        let Ok(pid) = libc::pid_t::try_from(self.pid) else {
+            return false;
+        };
+        if pid <= 0 || self.pid == std::process::id() {
+            return false;
+        }
+        // SAFETY: signal 0 sends nothing; kill(2) only checks the pid.
+        let found = unsafe { libc::kill(pid, 0) } == 0;
+        found || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
 }
 
 impl fmt::Display for Holder {
@@ -289,7 +305,7 @@ pub async fn try_claim(
             Some(kv) => {
                 let holder = serde_json::from_slice::<Holder>(kv.value());
                 match holder {
-                    Ok(holder) if holder.same_node(me) => (
+                    Ok(holder) if holder.same_node(me) && !holder.still_runs() => (
                         Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision()),
                         Some((holder, kv.lease())),
                     ),
@@ -1151,6 +1167,20 @@ mod tests {
             "pid 7 on host \"lb-a\" (198.18.0.3), pins /sys/fs/bpf/xlb, since 2026-11-27 21:40:38 UTC"
         );
         assert_eq!(unix_time(951_782_400.0), "2000-02-29 00:00:00 UTC");
+    }
+
+    #[test]
+    fn a_run_whose_process_lives_is_a_second_daemon_not_an_earlier_run() {
+        let with_pid = |pid| Holder {
+            pid,
+            ..holder(0, 1)
+        };
+        assert!(with_pid(std::os::unix::process::parent_id()).still_runs());
+        assert!(!with_pid(std::process::id()).still_runs(), "this very run");
+        let mut ended = std::process::Command::new("true").spawn().unwrap();
+        ended.wait().unwrap();
+        assert!(!with_pid(ended.id()).still_runs());
+        assert!(!with_pid(0).still_runs() && !with_pid(u32::MAX).still_runs());
     }
 
     #[test]

@@ -729,30 +729,7 @@ fn two_nodes_never_publish_under_one_name() {
     // -- Node 1, renamed n0 by mistake, refuses to start.
     fleet.stop_node(1);
     edit_config(&fleet, 1, "name = \"n1\"", "name = \"n0\"");
-    let node = &fleet.nodes[1];
-    let log = node.config.with_file_name("refused.log");
-    let stderr = fs::File::create(&log).expect("a log");
-    let mut command = node.host.command(XLB);
-    command
-        .args(["run", "--config"])
-        .arg(&node.config)
-        .args(["--store", &fleet.store_url()])
-        .stderr(stderr);
-    let refused = node.host.spawn(&mut command).expect("starting xlb run");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = refused.try_wait().expect("polling xlb run") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "a second node named n0 started:\n{}",
-            fs::read_to_string(&log).unwrap_or_default()
-        );
-        thread::sleep(Duration::from_millis(50));
-    };
-    let said = fs::read_to_string(&log).expect("its log");
-    assert_eq!(status.code(), Some(1), "{said}");
+    let said = refused_start(&fleet, 1);
     for words in [
         "waiting up to".to_owned(),
         format!(
@@ -765,10 +742,14 @@ fn two_nodes_never_publish_under_one_name() {
     ] {
         assert!(said.contains(&words), "{words:?} not in:\n{said}");
     }
-    assert_eq!(
-        holder(&fleet, "n0").map(|h| h.addrs),
-        Some(vec![IpAddr::V4(a0)])
-    );
+    let first = holder(&fleet, "n0").expect("a holder");
+    assert_eq!(first.addrs, vec![IpAddr::V4(a0)]);
+    // So does a second daemon of node 0 itself (same machine, namespace
+    // and pins: not an earlier run, since the first one still runs).
+    let said = refused_start(&fleet, 0);
+    let running = format!("by another node: pid {} on host", first.pid);
+    assert!(said.contains(&running), "{said}");
+    assert_eq!(holder(&fleet, "n0"), Some(first));
 
     // -- Node 0 cut off until its lease runs out: node 1 (as n0) may start
     //    and takes the name.
@@ -854,4 +835,35 @@ fn two_nodes_never_publish_under_one_name() {
     assert_ne!(taken.pid, pid_before, "{taken:?}");
     assert_eq!(taken.addrs, vec![IpAddr::V4(a0)]);
     fleet.close();
+}
+
+/// Runs `xlb run` with node `i`'s config in its namespace, which must
+/// exit with status 1 (a minute at most: a guard, not a target); returns
+/// what it said.
+fn refused_start(fleet: &Fleet, i: usize) -> String {
+    let node = &fleet.nodes[i];
+    let log = node.config.with_file_name("refused.log");
+    let stderr = fs::File::create(&log).expect("a log");
+    let mut command = node.host.command(XLB);
+    command
+        .args(["run", "--config"])
+        .arg(&node.config)
+        .args(["--store", &fleet.store_url()])
+        .stderr(stderr);
+    let refused = node.host.spawn(&mut command).expect("starting xlb run");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = refused.try_wait().expect("polling xlb run") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {i}'s xlb run started:\n{}",
+            fs::read_to_string(&log).unwrap_or_default()
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    let said = fs::read_to_string(&log).expect("its log");
+    assert_eq!(status.code(), Some(1), "{said}");
+    said
 }
