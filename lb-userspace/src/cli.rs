@@ -397,7 +397,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Doctor(args) => return doctor_command(args),
         Command::Pktgen(args) => return crate::pktgen::command(args),
         Command::Fleet(command) => {
-            return crate::fleet_health::command(command, &cli.socket, cli.json);
+            return Ok(fleet_command(command, &cli.socket, cli.json));
         }
         Command::Run(args) => {
             daemon::run(&args.config, args.xdp_log, args.store.as_deref())?;
@@ -602,6 +602,22 @@ fn demo_command(args: DemoArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(EXIT_INTERRUPTED))
         }
         Err(err) => Err(err.into()),
+    }
+}
+
+/// `xlb fleet ...`: a check whose exit status scripts read, so that "could
+/// not look" never passes for a finding (see [`crate::fleet_health::Verdict`]).
+fn fleet_command(
+    command: crate::fleet_health::FleetCommand,
+    socket: &std::path::Path,
+    as_json: bool,
+) -> ExitCode {
+    match crate::fleet_health::command(command, socket, as_json) {
+        Ok(verdict) => ExitCode::from(verdict as u8),
+        Err(err) => {
+            eprintln!("error: {}", one_line(&err));
+            ExitCode::from(crate::fleet_health::Verdict::Unchecked as u8)
+        }
     }
 }
 
@@ -827,6 +843,24 @@ fn store_text(out: &mut String, store: &crate::etcd::StoreStatus) {
         "            reconnects {}, malformed values seen {}, refused by the data plane {}",
         store.reconnects, store.malformed_total, store.apply_failures
     );
+    match &store.name_held_by {
+        Some(holder) => {
+            let _ = writeln!(
+                out,
+                "node name:  {} HELD BY ANOTHER NODE ({holder}): this node publishes no health \
+                 view; give one of the two another node.name",
+                store.node
+            );
+        }
+        None if !store.node.is_empty() => {
+            let _ = writeln!(
+                out,
+                "node name:  {} (publishes its health view)",
+                store.node
+            );
+        }
+        None => {}
+    }
     for bad in &store.malformed {
         let _ = writeln!(out, "  skipped {}: {}", bad.key, bad.problem);
     }

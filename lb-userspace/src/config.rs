@@ -38,7 +38,7 @@
 //! | `state_file` | absolute path | `/var/lib/xlb/state.toml` | where runtime changes are saved (see below) |
 //! | `pin_path` | absolute path | `/sys/fs/bpf/xlb` | bpffs directory of the pinned maps and XDP links |
 //! | `local_cluster` | cluster name | none | the cluster this node prefers while it is healthy enough; must name a cluster of some VIP when any cluster is configured |
-//! | `name` | name | the host name | this node's name in a fleet on etcd: its health view is published under `PREFIX/v1/health/<name>/`; unique per node. A host name that is no valid name stops `xlb run --store` with an error asking for `name` |
+//! | `name` | name | the host name | this node's name in a fleet on etcd: its health view is published under `PREFIX/v1/health/<name>/`; unique per node: a node whose name another live node holds refuses to start. A host name that is no valid name stops `xlb run --store` with an error asking for `name` |
 //! | `health_lease` | seconds, 2 to 3600 | 10 | on etcd: how long the node's published health view outlives the node (the etcd lease's TTL, kept alive every third of it) |
 //!
 //! `[node.limits]`: map sizes, fixed when the program is loaded. Each is an

@@ -54,7 +54,7 @@ use crate::{
     api::{Admin, FlowAffinity, Protocol, Request},
     config::{self, NodeConfig},
     daemon::{StateStore, apply_change},
-    fleet_health::Publisher,
+    fleet_health::{ClaimError, Holder, Publisher, claim_at_start},
     state::{AdminState, Backend, Cluster, DesiredState, Health, Vip},
 };
 
@@ -88,6 +88,8 @@ pub enum StoreError {
          set node.name in the config, such as name = \"lb1\""
     )]
     NodeName(String),
+    #[error(transparent)]
+    Name(#[from] ClaimError),
 }
 
 /// Where the fleet's state lives: endpoints and the key prefix.
@@ -494,6 +496,11 @@ pub struct StoreMetrics {
     pub apply_failures: AtomicU64,
     /// Backends whose health the nodes' published views disagree on.
     pub health_disagreements: AtomicU64,
+    /// The other node that holds this node's name, while one does (this
+    /// node then publishes no view).
+    pub name_held_by: Mutex<Option<String>>,
+    /// Times another node was found holding this node's name at run time.
+    pub name_conflicts: AtomicU64,
     pub last_error: Mutex<Option<String>>,
     /// When the link last failed, in ms since the Unix epoch (0: never);
     /// kept after a reconnection, unlike `last_error`.
@@ -512,6 +519,13 @@ pub struct StoreStatus {
     pub reconnects: u64,
     pub apply_failures: u64,
     pub last_error: Option<String>,
+    /// The name this node publishes its health view under.
+    #[serde(default)]
+    pub node: String,
+    /// Another node that holds that name, while one does: this node then
+    /// publishes nothing.
+    #[serde(default)]
+    pub name_held_by: Option<String>,
 }
 
 /// `--store etcd://...`: the desired state of the fleet, followed by a
@@ -523,13 +537,19 @@ pub struct EtcdStore {
     node: NodeConfig,
     /// `node.name`, or the host name.
     node_name: String,
+    /// This node, as its name's key in the store says.
+    holder: Holder,
+    /// The lease the name was taken on at start.
+    lease: i64,
     updates: watch::Receiver<Snapshot>,
     metrics: Arc<StoreMetrics>,
 }
 
 impl EtcdStore {
     /// Connects, reads the whole prefix (waiting for etcd up to
-    /// [`START_PATIENCE`]) and starts following it. Call inside a runtime.
+    /// [`START_PATIENCE`]), takes the node's name (refusing one that
+    /// another node holds, see [`claim_at_start`]) and starts following
+    /// the prefix. Call inside a runtime.
     pub async fn open(url: EtcdUrl, node: &NodeConfig) -> Result<Self, StoreError> {
         let node_name = node_name(node)?;
         let layout = Layout::new(&url.prefix);
@@ -562,6 +582,24 @@ impl EtcdStore {
                 }
             }
         };
+        // Before anything is programmed: a node that would share its name
+        // stops here.
+        let holder = Holder::this_node(node);
+        let mut claiming = client.clone();
+        let (lease, earlier) = claim_at_start(
+            &mut claiming,
+            &url,
+            &node_name,
+            node.name.is_some(),
+            &holder,
+            node.health_lease,
+        )
+        .await?;
+        if let Some(earlier) = earlier {
+            info!(
+                "etcd at {url}: node name {node_name:?} taken over from this node's previous run ({earlier})"
+            );
+        }
         let metrics = Arc::new(StoreMetrics::default());
         let first = snapshot(&cache, &layout, node, &metrics);
         metrics
@@ -591,14 +629,16 @@ impl EtcdStore {
             client,
             node: node.clone(),
             node_name,
+            holder,
+            lease,
             updates,
             metrics,
         })
     }
 
-    /// The task that publishes this node's view of health (run it): it
+    /// The task that publishes this node's view of health (run one): it
     /// reads the view again whenever the prober's `health` or the store
-    /// changes.
+    /// changes, on the lease the name was taken on at start.
     pub fn health_publisher(&self, health: watch::Receiver<BTreeMap<IpAddr, Health>>) -> Publisher {
         Publisher {
             url: self.url.clone(),
@@ -606,8 +646,11 @@ impl EtcdStore {
             client: self.client.clone(),
             node: self.node_name.clone(),
             lease_secs: self.node.health_lease,
+            holder: self.holder.clone(),
+            lease: Some(self.lease),
             health,
             states: self.updates(),
+            metrics: self.metrics.clone(),
         }
     }
 
@@ -632,6 +675,8 @@ impl EtcdStore {
             reconnects: m.reconnects.load(Ordering::Relaxed),
             apply_failures: m.apply_failures.load(Ordering::Relaxed),
             last_error: m.last_error.lock().map(|e| e.clone()).unwrap_or_default(),
+            node: self.node_name.clone(),
+            name_held_by: m.name_held_by.lock().map(|h| h.clone()).unwrap_or_default(),
         }
     }
 

@@ -16,18 +16,31 @@
 //!   that, leaves no view behind;
 //! - never read back as configuration: the state follower ignores the
 //!   range, and only `xlb fleet health` ([`read`]) reads it.
+//!
+//! A node publishes only while it holds its name: the key
+//! `PREFIX/v1/health/<node>` itself, written on the same lease, says which
+//! node that is ([`Holder`]). Two nodes given one name (the same host name
+//! and no `node.name`, or one `node.name` twice) would otherwise write over
+//! each other's view without anyone noticing. So a node that finds its name
+//! held by another node waits out that node's lease and then refuses to
+//! start ([`claim_at_start`]); one that loses its name while running (its
+//! lease expired during an outage and another node took the name) stops
+//! publishing, says so in its log, status and metrics, and takes the name
+//! back once it is free. Every write of a view is a transaction that
+//! requires the name's key on the writer's own lease.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt::Write as _,
+    fmt::{self, Write as _},
     net::IpAddr,
-    path::Path,
-    process::ExitCode,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
-use etcd_client::{Client, GetOptions, PutOptions, Txn, TxnOp};
-use log::{info, warn};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
+use log::{error, info, warn};
 use serde::{Deserialize, Serialize};
 use tokio::{
     sync::{mpsc, oneshot, watch},
@@ -36,7 +49,8 @@ use tokio::{
 
 use crate::{
     api::{self, BackendView, Call, HealthState, Request, Response, Status},
-    etcd::{EtcdUrl, Layout, Snapshot},
+    config::NodeConfig,
+    etcd::{EtcdUrl, Layout, Snapshot, StoreMetrics},
     state::Health,
 };
 
@@ -123,6 +137,326 @@ fn encode(
         .collect()
 }
 
+// ---------------------------------------------------------------------------
+// One name, one node.
+
+/// Who publishes under a node name: the value of `PREFIX/v1/health/<node>`,
+/// on that node's lease.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Holder {
+    /// The host name, as the kernel has it.
+    pub host: String,
+    pub pid: u32,
+    /// `node.source_v4` and `node.source_v6`: where the node is found.
+    pub addrs: Vec<IpAddr>,
+    pub pin_path: PathBuf,
+    /// `/etc/machine-id` (the boot id where there is none) and the network
+    /// namespace's inode: with `pin_path`, what a later run of the same
+    /// node shares with the one before it, and two nodes never share.
+    pub machine: String,
+    pub netns: u64,
+    /// When it took the name, in seconds since the Unix epoch.
+    pub since: f64,
+}
+
+impl Holder {
+    /// This process, as the node `node` configures.
+    pub fn this_node(node: &NodeConfig) -> Holder {
+        let read = |path: &str| {
+            std::fs::read_to_string(path)
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default()
+        };
+        let machine = Some(read("/etc/machine-id"))
+            .filter(|id| !id.is_empty())
+            .unwrap_or_else(|| read("/proc/sys/kernel/random/boot_id"));
+        Holder {
+            host: read("/proc/sys/kernel/hostname"),
+            pid: std::process::id(),
+            addrs: [
+                node.source_v4.map(IpAddr::V4),
+                node.source_v6.map(IpAddr::V6),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+            pin_path: node.pin_path.clone(),
+            machine,
+            netns: std::fs::metadata("/proc/self/ns/net").map_or(0, |m| m.ino()),
+            since: unix_now(),
+        }
+    }
+
+    /// Another run of the same node (same machine, network namespace and
+    /// pins: it takes over the pinned maps too), which may take the name at
+    /// once instead of waiting for the old run's lease to expire.
+    pub fn same_node(&self, other: &Holder) -> bool {
+        !self.machine.is_empty()
+            && self.machine == other.machine
+            && self.netns == other.netns
+            && self.pin_path == other.pin_path
+    }
+
+    /// Whether this holder's process, on this machine, still runs beside
+    /// the caller: then it is no earlier run but a second daemon, which
+    /// keeps its name. (A pid reused after a reboot only costs the wait
+    /// for the old lease.)
+    fn still_runs(&self) -> bool {
+        let Ok(pid) = libc::pid_t::try_from(self.pid) else {
+            return false;
+        };
+        if pid <= 0 || self.pid == std::process::id() {
+            return false;
+        }
+        // SAFETY: signal 0 sends nothing; kill(2) only checks the pid.
+        let found = unsafe { libc::kill(pid, 0) } == 0;
+        found || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
+}
+
+impl fmt::Display for Holder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let addrs: Vec<String> = self.addrs.iter().map(ToString::to_string).collect();
+        write!(
+            f,
+            "pid {} on host {:?} ({}), pins {}, since {}",
+            self.pid,
+            self.host,
+            if addrs.is_empty() {
+                "no source address".to_owned()
+            } else {
+                addrs.join(", ")
+            },
+            self.pin_path.display(),
+            unix_time(self.since)
+        )
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+/// `2026-11-28 00:31:07 UTC`.
+fn unix_time(secs: f64) -> String {
+    let secs = secs.max(0.0) as i64;
+    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil from days (Howard Hinnant's algorithm), 1970-01-01 being day 0.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+/// The key that says who holds a node name (no trailing '/': the views are
+/// under it).
+pub fn name_key(layout: &Layout, node: &str) -> String {
+    format!("{}{node}", layout.health_root())
+}
+
+/// What became of an attempt to take a node name.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Claim {
+    /// The name is this node's, on `lease`; `from` is the earlier run of
+    /// this node it was taken over from.
+    Taken { lease: i64, from: Option<Holder> },
+    /// Another node holds it, on its lease `lease` (0: none, the key was
+    /// written by hand and never expires).
+    Held { holder: String, lease: i64 },
+}
+
+/// Takes the name `node` for `me` on a new lease of `lease_secs`: when
+/// nobody holds it, or when an earlier run of this same node does (whose
+/// lease is then revoked, and its leftover view with it). Leaves it to
+/// another node that holds it.
+pub async fn try_claim(
+    client: &mut Client,
+    layout: &Layout,
+    node: &str,
+    me: &Holder,
+    lease_secs: u32,
+) -> Result<Claim, String> {
+    let key = name_key(layout, node);
+    // Two attempts race only when the name changes hands in between: a few
+    // tries settle it.
+    for _ in 0..3 {
+        let got = timed(client.get(key.as_str(), None))
+            .await
+            .map_err(|e| format!("reading {key}: {e}"))?;
+        let (guard, from) = match got.kvs().first() {
+            None => (
+                Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+                None,
+            ),
+            Some(kv) => {
+                let holder = serde_json::from_slice::<Holder>(kv.value());
+                match holder {
+                    Ok(holder) if holder.same_node(me) && !holder.still_runs() => (
+                        Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision()),
+                        Some((holder, kv.lease())),
+                    ),
+                    Ok(holder) => {
+                        return Ok(Claim::Held {
+                            holder: holder.to_string(),
+                            lease: kv.lease(),
+                        });
+                    }
+                    Err(err) => {
+                        return Ok(Claim::Held {
+                            holder: format!(
+                                "an unreadable value ({err}): {:?}",
+                                String::from_utf8_lossy(kv.value())
+                            ),
+                            lease: kv.lease(),
+                        });
+                    }
+                }
+            }
+        };
+        let lease = timed(client.lease_grant(lease_secs.into(), None))
+            .await
+            .map_err(|e| format!("granting a lease: {e}"))?
+            .id();
+        let mine = Holder {
+            since: unix_now(),
+            ..me.clone()
+        };
+        let put = TxnOp::put(
+            key.as_str(),
+            serde_json::to_vec(&mine).unwrap_or_default(),
+            Some(PutOptions::new().with_lease(lease)),
+        );
+        let done = timed(client.txn(Txn::new().when([guard]).and_then([put])))
+            .await
+            .map_err(|e| format!("taking {key}: {e}"))?;
+        if done.succeeded() {
+            let from = match from {
+                Some((holder, old)) => {
+                    // The earlier run is gone: so is its view, which this
+                    // run writes again in full.
+                    if old != 0 {
+                        let _ = timed(client.lease_revoke(old)).await;
+                    }
+                    Some(holder)
+                }
+                None => None,
+            };
+            return Ok(Claim::Taken { lease, from });
+        }
+        let _ = timed(client.lease_revoke(lease)).await;
+    }
+    Err(format!("{key} kept changing hands"))
+}
+
+/// Why `xlb run --store` did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    #[error(
+        "node name {node:?} is in use in the fleet at {url} by another node: {holder} (key {key}, \
+         held for longer than its lease). Two nodes must not share a name, since each publishes \
+         its health view under it: {hint}"
+    )]
+    InUse {
+        node: String,
+        url: String,
+        key: String,
+        holder: String,
+        hint: String,
+    },
+    #[error("etcd at {url}: taking node name {node:?}: {why}")]
+    Store {
+        node: String,
+        url: String,
+        why: String,
+    },
+}
+
+/// How often a node waiting for its name looks again.
+const CLAIM_POLL: Duration = Duration::from_millis(250);
+
+/// Takes the node's name at start. A name held by another node may be a
+/// node that stopped (its lease runs out on its own): that lease's time is
+/// waited out, plus a second. A name still held then belongs to a live
+/// node, and this one refuses to start. `named` says whether the name is
+/// `node.name` (else it is the host name), for the hint.
+pub async fn claim_at_start(
+    client: &mut Client,
+    url: &EtcdUrl,
+    node: &str,
+    named: bool,
+    me: &Holder,
+    lease_secs: u32,
+) -> Result<(i64, Option<Holder>), ClaimError> {
+    let layout = Layout::new(&url.prefix);
+    let store_error = |why| ClaimError::Store {
+        node: node.to_owned(),
+        url: url.to_string(),
+        why,
+    };
+    let mut deadline = None;
+    loop {
+        match try_claim(client, &layout, node, me, lease_secs)
+            .await
+            .map_err(store_error)?
+        {
+            Claim::Taken { lease, from } => return Ok((lease, from)),
+            Claim::Held { holder, lease } => {
+                let now = Instant::now();
+                let deadline = match deadline {
+                    Some(at) => at,
+                    None => {
+                        let ttl = match timed(client.lease_time_to_live(lease, None)).await {
+                            Ok(alive) if alive.granted_ttl() > 0 => alive.granted_ttl() as u64,
+                            _ => lease_secs.into(),
+                        };
+                        let wait = Duration::from_secs(ttl + 1);
+                        warn!(
+                            "etcd at {url}: node name {node:?} is held by {holder}; waiting up to \
+                             {wait:?} for it to expire, in case that node has stopped"
+                        );
+                        *deadline.insert(now + wait)
+                    }
+                };
+                if now >= deadline {
+                    let hint = if named {
+                        "give this node (or the other) another node.name in its config, \
+                         or stop the other node"
+                            .to_owned()
+                    } else {
+                        format!(
+                            "this node has no node.name and goes by its host name {node:?}: \
+                             set node.name in its config to a name no other node uses, \
+                             such as name = \"{node}-2\""
+                        )
+                    };
+                    return Err(ClaimError::InUse {
+                        node: node.to_owned(),
+                        url: url.to_string(),
+                        key: name_key(&layout, node),
+                        holder,
+                        hint,
+                    });
+                }
+                tokio::time::sleep(CLAIM_POLL).await;
+            }
+        }
+    }
+}
+
 /// Publishes a node's view for as long as the daemon runs.
 pub struct Publisher {
     pub url: EtcdUrl,
@@ -130,18 +464,32 @@ pub struct Publisher {
     pub client: Client,
     pub node: String,
     pub lease_secs: u32,
+    /// Who this node is, for the name's key.
+    pub holder: Holder,
+    /// The lease the name was taken on at start, if it was.
+    pub lease: Option<i64>,
     /// Wake-ups: the prober's health and the store's revisions.
     pub health: watch::Receiver<BTreeMap<IpAddr, Health>>,
     pub states: watch::Receiver<Snapshot>,
+    /// Where a name held by another node shows.
+    pub metrics: Arc<StoreMetrics>,
 }
 
 /// What the publisher holds between rounds.
 #[derive(Default)]
 struct Published {
+    /// The lease the name (and every key written) hangs on.
     lease: Option<i64>,
     /// Key → value as written under `lease`.
     keys: BTreeMap<String, Vec<u8>>,
     renew_at: Option<Instant>,
+}
+
+/// How a round ended, when etcd answered.
+enum Round {
+    Published,
+    /// Another node holds the name: nothing was written.
+    NameHeld,
 }
 
 impl Publisher {
@@ -153,14 +501,26 @@ impl Publisher {
     pub async fn run(mut self, calls: mpsc::Sender<Call>) {
         let renew_every = Duration::from_secs(self.lease_secs.into()) / 3;
         let mut published = Published::default();
+        if let Some(lease) = self.lease.take() {
+            self.announce(lease);
+            published.lease = Some(lease);
+            published.renew_at = Some(Instant::now() + renew_every);
+        }
         let mut backoff = BACKOFF_MIN;
         loop {
             let wait = match self.round(&mut published, renew_every, &calls).await {
-                Ok(()) => {
+                Ok(Round::Published) => {
                     backoff = BACKOFF_MIN;
                     published
                         .renew_at
                         .unwrap_or_else(|| Instant::now() + renew_every)
+                }
+                // Looked at again now and then; health changes do not free
+                // the name.
+                Ok(Round::NameHeld) if calls.is_closed() => return,
+                Ok(Round::NameHeld) => {
+                    tokio::time::sleep(BACKOFF_MAX).await;
+                    continue;
                 }
                 // The daemon stops.
                 Err(_) if calls.is_closed() => return,
@@ -185,57 +545,114 @@ impl Publisher {
             // The loop answers calls before it takes in a change, so the
             // status read now may predate it: read once more a moment later.
             let follow_up = tokio::time::sleep(FOLLOW_UP);
-            if self
-                .round(&mut published, renew_every, &calls)
-                .await
-                .is_ok()
-            {
+            if matches!(
+                self.round(&mut published, renew_every, &calls).await,
+                Ok(Round::Published)
+            ) {
                 follow_up.await;
             }
         }
     }
 
-    /// One round: a lease if there is none, a keep-alive when due, then the
-    /// keys that differ from what was written.
+    fn announce(&self, lease: i64) {
+        info!(
+            "etcd at {}: node {:?} publishes its health view under {} (lease {lease:x}, {} s)",
+            self.url,
+            self.node,
+            node_prefix(&self.layout, &self.node),
+            self.lease_secs
+        );
+    }
+
+    /// Takes the name on a new lease; says so when another node holds it,
+    /// and when it no longer does.
+    async fn claim(&mut self) -> Result<Option<i64>, String> {
+        let claim = try_claim(
+            &mut self.client,
+            &self.layout,
+            &self.node,
+            &self.holder,
+            self.lease_secs,
+        )
+        .await?;
+        let mut held = self
+            .metrics
+            .name_held_by
+            .lock()
+            .map_err(|_| "a poisoned lock".to_owned())?;
+        match claim {
+            Claim::Taken { lease, .. } => {
+                if held.take().is_some() {
+                    info!(
+                        "etcd at {}: node name {:?} is this node's again",
+                        self.url, self.node
+                    );
+                }
+                self.announce(lease);
+                Ok(Some(lease))
+            }
+            Claim::Held { holder, .. } => {
+                if held.as_ref() != Some(&holder) {
+                    error!(
+                        "etcd at {}: node name {:?} is held by another node: {holder}; this node \
+                         does not publish its health view while it is (two nodes must not share \
+                         a name: set node.name in one of their configs)",
+                        self.url, self.node
+                    );
+                    if held.is_none() {
+                        self.metrics.name_conflicts.fetch_add(1, Ordering::Relaxed);
+                    }
+                    *held = Some(holder);
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// One round: the name on a lease if there is none, a keep-alive when
+    /// due, then the keys that differ from what was written.
     async fn round(
         &mut self,
         published: &mut Published,
         renew_every: Duration,
         calls: &mpsc::Sender<Call>,
-    ) -> Result<(), String> {
+    ) -> Result<Round, String> {
         let lease = match published.lease {
             Some(lease) => lease,
             None => {
-                let granted = timed(self.client.lease_grant(self.lease_secs.into(), None))
-                    .await
-                    .map_err(|e| format!("granting a lease: {e}"))?;
-                info!(
-                    "etcd at {}: node {:?} publishes its health view under {} (lease {:x}, {} s)",
-                    self.url,
-                    self.node,
-                    node_prefix(&self.layout, &self.node),
-                    granted.id(),
-                    granted.ttl()
-                );
+                let Some(lease) = self.claim().await? else {
+                    return Ok(Round::NameHeld);
+                };
                 *published = Published {
-                    lease: Some(granted.id()),
+                    lease: Some(lease),
                     keys: BTreeMap::new(),
                     renew_at: Some(Instant::now() + renew_every),
                 };
-                granted.id()
+                lease
             }
         };
         if published.renew_at.is_none_or(|at| at <= Instant::now()) {
-            let alive = timed(async {
+            let kept = timed(async {
                 let (mut keeper, mut answers) = self.client.lease_keep_alive(lease).await?;
                 keeper.keep_alive().await?;
                 answers.message().await
             })
-            .await
-            .map_err(|e| format!("keeping lease {lease:x} alive: {e}"))?;
-            if alive.is_none_or(|a| a.ttl() <= 0) {
+            .await;
+            let expired = match kept {
+                Ok(alive) => alive.is_none_or(|a| a.ttl() <= 0),
+                // The client takes an expired lease for an error, like a
+                // lost link; etcd tells them apart.
+                Err(err) => {
+                    let left = timed(self.client.lease_time_to_live(lease, None))
+                        .await
+                        .map_err(|e| format!("keeping lease {lease:x} alive: {err}; {e}"))?;
+                    left.ttl() <= 0
+                }
+            };
+            if expired {
                 // Expired (etcd gone for longer than the lease): its keys
-                // are gone too; everything is written again on a new one.
+                // are gone too, the name's among them; it is taken again
+                // and everything written on a new lease.
                 *published = Published::default();
                 return Err(format!("lease {lease:x} expired"));
             }
@@ -266,16 +683,30 @@ impl Publisher {
                 .map(|key| TxnOp::delete(key.clone(), None)),
         );
         if ops.is_empty() {
-            return Ok(());
+            return Ok(Round::Published);
         }
+        // Only while the name is this node's: never over another's view.
+        let mine = Compare::lease(name_key(&self.layout, &self.node), CompareOp::Equal, lease);
         // etcd refuses transactions of more than 128 operations by default.
         for chunk in ops.chunks(100) {
-            timed(self.client.txn(Txn::new().and_then(chunk.to_vec())))
-                .await
-                .map_err(|e| format!("writing: {e}"))?;
+            let done = timed(
+                self.client
+                    .txn(Txn::new().when([mine.clone()]).and_then(chunk.to_vec())),
+            )
+            .await
+            .map_err(|e| format!("writing: {e}"))?;
+            if !done.succeeded() {
+                *published = Published::default();
+                let _ = timed(self.client.lease_revoke(lease)).await;
+                return Err(format!(
+                    "{} is no longer on this node's lease (deleted, or taken by another node); \
+                     taking the name again",
+                    name_key(&self.layout, &self.node)
+                ));
+            }
         }
         published.keys = now;
-        Ok(())
+        Ok(Round::Published)
     }
 }
 
@@ -320,15 +751,45 @@ pub struct BackendViews {
 pub struct FleetHealth {
     pub store: String,
     pub revision: i64,
+    /// Nodes that hold their name or publish a view.
     pub nodes: Vec<String>,
+    /// Node name → the node that holds it.
+    #[serde(default)]
+    pub holders: BTreeMap<String, Holder>,
     pub backends: Vec<BackendViews>,
     /// Keys under the health range that do not decode, with why.
     pub unreadable: Vec<(String, String)>,
 }
 
+/// `xlb fleet health`'s exit status, for scripts and monitoring checks:
+/// what was found is never confused with not having looked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Verdict {
+    /// Every node that publishes sees every backend alike, every value
+    /// reads, and at least `--min-nodes` nodes publish.
+    Agree = 0,
+    /// Nodes see a backend differently, a value does not read, or fewer
+    /// nodes than `--min-nodes` publish.
+    Disagree = 1,
+    /// Nothing was checked: bad arguments, no store to read (no daemon at
+    /// the socket, or one not on etcd), etcd unreachable.
+    Unchecked = 2,
+}
+
 impl FleetHealth {
     pub fn disagreements(&self) -> usize {
         self.backends.iter().filter(|b| b.disagree).count()
+    }
+
+    /// What the fleet's views say, `min_nodes` being the fewest nodes that
+    /// should publish.
+    pub fn verdict(&self, min_nodes: usize) -> Verdict {
+        if self.disagreements() > 0 || !self.unreadable.is_empty() || self.nodes.len() < min_nodes {
+            Verdict::Disagree
+        } else {
+            Verdict::Agree
+        }
     }
 }
 
@@ -341,6 +802,7 @@ pub fn gather(
 ) -> FleetHealth {
     let root = layout.health_root();
     let mut nodes = BTreeSet::new();
+    let mut holders = BTreeMap::new();
     let mut unreadable = Vec::new();
     let mut backends: BTreeMap<BackendPath, BTreeMap<String, HealthValue>> = BTreeMap::new();
     for (key, value) in pairs {
@@ -348,10 +810,23 @@ pub fn gather(
             .strip_prefix(&root)
             .map(|rest| rest.split('/').collect())
             .unwrap_or_default();
+        if let [node] = parts[..] {
+            match serde_json::from_slice::<Holder>(&value) {
+                Ok(holder) => {
+                    nodes.insert(node.to_owned());
+                    holders.insert(node.to_owned(), holder);
+                }
+                Err(err) => {
+                    let why = format!("who holds node {node:?}: {err}");
+                    unreadable.push((key, why));
+                }
+            }
+            continue;
+        }
         let [node, vip, cluster, backend] = parts[..] else {
             unreadable.push((
                 key,
-                "expected health/<node>/<vip>/<cluster>/<backend>".into(),
+                "expected health/<node> or health/<node>/<vip>/<cluster>/<backend>".into(),
             ));
             continue;
         };
@@ -370,6 +845,7 @@ pub fn gather(
         store,
         revision,
         nodes: nodes.into_iter().collect(),
+        holders,
         backends: backends
             .into_iter()
             .map(|((vip, cluster, backend), views)| {
@@ -422,6 +898,9 @@ pub fn text(fleet: &FleetHealth) -> String {
         if fleet.nodes.len() == 1 { "" } else { "s" },
         fleet.nodes.join(", ")
     );
+    for (node, holder) in &fleet.holders {
+        let _ = writeln!(out, "  {node}: {holder}");
+    }
     let mut rows = vec![
         ["VIP", "CLUSTER", "BACKEND", "ADDRESS"]
             .into_iter()
@@ -471,21 +950,44 @@ pub fn text(fleet: &FleetHealth) -> String {
     out
 }
 
+const HEALTH_ABOUT: &str = "\
+Every node's published view of its backends' health, read from etcd: one row
+per backend, one column per node, DISAGREE where the nodes' health differs,
+and who holds each node name (pid, host, source addresses).
+
+The store is --store etcd://..., or else the one the daemon at --socket runs
+on. --json prints the same as a document.
+
+Exit status, for scripts and monitoring checks:
+  0  every node that publishes sees every backend alike (and at least
+     --min-nodes nodes publish);
+  1  nodes see a backend differently, a value under PREFIX/v1/health does not
+     read, or fewer than --min-nodes nodes publish (the output says which);
+  2  nothing was checked: bad arguments, no daemon at --socket or one not on
+     etcd, etcd unreachable (the error says why).";
+
 #[derive(Debug, clap::Subcommand)]
 pub enum FleetCommand {
     /// Every node's published view of its backends' health, one column per
-    /// node, marking the backends the nodes disagree on
+    /// node, marking the backends the nodes disagree on (exit status 0:
+    /// agree, 1: disagree, 2: could not check)
+    #[command(long_about = HEALTH_ABOUT)]
     Health {
         /// The fleet's store (default: the one the daemon at --socket runs on)
         #[arg(long, value_name = "etcd://HOST:PORT[,HOST:PORT...]/PREFIX")]
         store: Option<String>,
+        /// Fewer nodes publishing than this is a finding (exit status 1):
+        /// a node that stopped, or cannot reach etcd, publishes nothing
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        min_nodes: usize,
     },
 }
 
 /// `xlb fleet ...`: reads the store given, or the one the daemon at
-/// `socket` runs on.
-pub fn command(command: FleetCommand, socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let FleetCommand::Health { store } = command;
+/// `socket` runs on, prints what it found and says what that is. An error
+/// means nothing could be checked.
+pub fn command(command: FleetCommand, socket: &Path, json: bool) -> anyhow::Result<Verdict> {
+    let FleetCommand::Health { store, min_nodes } = command;
     let url = match store {
         Some(url) => url,
         None => match api::Client::connect(socket)?.call(&Request::Status)? {
@@ -509,7 +1011,21 @@ pub fn command(command: FleetCommand, socket: &Path, json: bool) -> anyhow::Resu
     } else {
         print!("{}", text(&fleet));
     }
-    Ok(ExitCode::SUCCESS)
+    if fleet.nodes.len() < min_nodes {
+        let said = format!(
+            "{} node{} publish{}, {min_nodes} expected (--min-nodes)",
+            fleet.nodes.len(),
+            if fleet.nodes.len() == 1 { "" } else { "s" },
+            if fleet.nodes.len() == 1 { "es" } else { "" },
+        );
+        // Beside a JSON document, not in it.
+        if json {
+            eprintln!("{said}");
+        } else {
+            println!("{said}");
+        }
+    }
+    Ok(fleet.verdict(min_nodes))
 }
 
 #[cfg(test)]
@@ -609,5 +1125,124 @@ mod tests {
             shown.contains("1 of 2 backends seen differently"),
             "{shown}"
         );
+    }
+
+    fn holder(pid: u32, netns: u64) -> Holder {
+        Holder {
+            host: "lb-a".into(),
+            pid,
+            addrs: vec![ip("198.18.0.3")],
+            pin_path: "/sys/fs/bpf/xlb".into(),
+            machine: "3d1219c7".into(),
+            netns,
+            since: 1_795_815_638.0,
+        }
+    }
+
+    #[test]
+    fn a_later_run_of_the_same_node_is_told_from_another_node() {
+        let first = holder(7, 4_026_531_833);
+        assert!(holder(8, 4_026_531_833).same_node(&first));
+        // Another namespace of the same machine, other pins, another
+        // machine: another node, whatever its host name.
+        assert!(!holder(8, 4_026_532_000).same_node(&first));
+        let elsewhere = Holder {
+            pin_path: "/sys/fs/bpf/xlb2".into(),
+            ..holder(8, 4_026_531_833)
+        };
+        assert!(!elsewhere.same_node(&first));
+        let other_machine = Holder {
+            machine: "99aa".into(),
+            ..holder(8, 4_026_531_833)
+        };
+        assert!(!other_machine.same_node(&first));
+        // Without a machine identity nothing can be told: never the same.
+        let unknown = Holder {
+            machine: String::new(),
+            ..holder(8, 4_026_531_833)
+        };
+        assert!(!unknown.same_node(&unknown.clone()));
+        assert_eq!(
+            first.to_string(),
+            "pid 7 on host \"lb-a\" (198.18.0.3), pins /sys/fs/bpf/xlb, since 2026-11-27 21:40:38 UTC"
+        );
+        assert_eq!(unix_time(951_782_400.0), "2000-02-29 00:00:00 UTC");
+    }
+
+    #[test]
+    fn a_run_whose_process_lives_is_a_second_daemon_not_an_earlier_run() {
+        let with_pid = |pid| Holder {
+            pid,
+            ..holder(0, 1)
+        };
+        assert!(with_pid(std::os::unix::process::parent_id()).still_runs());
+        assert!(!with_pid(std::process::id()).still_runs(), "this very run");
+        let mut ended = std::process::Command::new("true").spawn().unwrap();
+        ended.wait().unwrap();
+        assert!(!with_pid(ended.id()).still_runs());
+        assert!(!with_pid(0).still_runs() && !with_pid(u32::MAX).still_runs());
+    }
+
+    #[test]
+    fn who_holds_each_name_is_read_beside_the_views() {
+        let layout = Layout::new("xlb");
+        let pairs = vec![
+            (
+                "xlb/v1/health/n0".to_owned(),
+                serde_json::to_vec(&holder(7, 1)).unwrap(),
+            ),
+            (
+                "xlb/v1/health/n0/web/east/e1".to_owned(),
+                serde_json::to_vec(&up("198.18.0.21")).unwrap(),
+            ),
+            // A node with no backend yet holds its name all the same.
+            (
+                "xlb/v1/health/n1".to_owned(),
+                serde_json::to_vec(&holder(9, 2)).unwrap(),
+            ),
+            ("xlb/v1/health/n2".to_owned(), b"lb-c".to_vec()),
+        ];
+        let fleet = gather(&layout, "etcd://h:1/xlb".into(), 7, pairs);
+        assert_eq!(fleet.nodes, ["n0", "n1"]);
+        assert_eq!(fleet.holders["n1"].pid, 9);
+        assert_eq!(fleet.unreadable.len(), 1, "{:?}", fleet.unreadable);
+        assert!(fleet.unreadable[0].1.contains("who holds node \"n2\""));
+        let shown = text(&fleet);
+        assert!(
+            shown.contains("\n  n0: pid 7 on host \"lb-a\" (198.18.0.3)"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn the_verdict_tells_agreement_from_disagreement_and_from_not_looking() {
+        assert_eq!(
+            [Verdict::Agree, Verdict::Disagree, Verdict::Unchecked].map(|v| v as u8),
+            [0, 1, 2]
+        );
+        let layout = Layout::new("xlb");
+        let fleet = |pairs: &[(&str, &HealthValue)]| {
+            let pairs = pairs
+                .iter()
+                .map(|(k, v)| (format!("xlb/v1/health/{k}"), serde_json::to_vec(v).unwrap()));
+            gather(&layout, "etcd://h:1/xlb".into(), 7, pairs)
+        };
+        let up = up("198.18.0.21");
+        let down = HealthValue {
+            health: "down".into(),
+            ..up.clone()
+        };
+        let agree = fleet(&[("n0/web/east/e1", &up), ("n1/web/east/e1", &up)]);
+        assert_eq!(agree.verdict(0), Verdict::Agree);
+        assert_eq!(agree.verdict(2), Verdict::Agree);
+        assert_eq!(agree.verdict(3), Verdict::Disagree, "a node missing");
+        let disagree = fleet(&[("n0/web/east/e1", &up), ("n1/web/east/e1", &down)]);
+        assert_eq!(disagree.verdict(0), Verdict::Disagree);
+        let unreadable = fleet(&[("n0/web/east", &up)]);
+        assert_eq!(unreadable.verdict(0), Verdict::Disagree);
+        // Nobody publishes: nothing disagrees, unless nodes are expected.
+        let empty = fleet(&[]);
+        assert_eq!(empty.verdict(0), Verdict::Agree);
+        assert_eq!(empty.verdict(1), Verdict::Disagree);
     }
 }

@@ -578,6 +578,16 @@ fn store_collectors(store: &StoreMetrics) -> Vec<Box<dyn Collector>> {
             "Backends the fleet's nodes publish different health for (their views in etcd; see xlb fleet health).",
             i64::try_from(store.health_disagreements.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
         ),
+        gauge(
+            "xlb_fleet_node_name_held_elsewhere",
+            "1 while another node holds this node's name in etcd: this node then publishes no health view (give one of them another node.name).",
+            i64::from(store.name_held_by.lock().is_ok_and(|h| h.is_some())),
+        ),
+        counter(
+            "xlb_fleet_node_name_conflicts_total",
+            "Times this node found its name held by another node while running (after its lease expired).",
+            &store.name_conflicts,
+        ),
     ]
 }
 
@@ -936,6 +946,8 @@ mod tests {
             seen_revision: AtomicI64::new(43),
             reconnects: AtomicU64::new(2),
             last_error_unix_ms: AtomicU64::new(1_795_815_638_500),
+            name_held_by: std::sync::Mutex::new(Some("pid 7 on host \"lb\"".into())),
+            name_conflicts: AtomicU64::new(1),
             ..StoreMetrics::default()
         });
         telemetry.watch_store(Arc::clone(&store));
@@ -954,6 +966,8 @@ mod tests {
             "xlb_store_connected 0",
             "xlb_store_reconnects_total 2",
             "xlb_store_last_error_timestamp_seconds 1795815638.5",
+            "xlb_fleet_node_name_held_elsewhere 1",
+            "xlb_fleet_node_name_conflicts_total 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

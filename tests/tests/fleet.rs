@@ -24,6 +24,7 @@
 
 use std::{
     collections::BTreeMap,
+    fs,
     net::{IpAddr, Ipv4Addr, TcpListener},
     sync::{
         Arc,
@@ -37,7 +38,7 @@ use xlb::{
     config,
     dataplane::Limits,
     etcd::StoreStatus,
-    fleet_health::{FleetHealth, HealthValue},
+    fleet_health::{FleetHealth, HealthValue, Holder},
     state::{AdminState, Backend, Cluster, DesiredState, Proto, Vip},
 };
 use xlb_tests::{
@@ -429,9 +430,12 @@ fn wait_for_views(
 ) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
+        let root = format!("{PREFIX}/v1/health/");
         let views: BTreeMap<String, HealthValue> = fleet
-            .get_prefix(&format!("{PREFIX}/v1/health/"))
+            .get_prefix(&root)
             .into_iter()
+            // Views only: `health/<node>` itself says who holds the name.
+            .filter(|(k, _)| k[root.len()..].contains('/'))
             .map(|(k, v)| {
                 let value = serde_json::from_str(&v).unwrap_or_else(|e| panic!("{k}: {v}: {e}"));
                 (k, value)
@@ -554,11 +558,13 @@ fn each_node_publishes_its_view_of_health_and_disagreement_shows() {
         assert!(store.malformed.is_empty(), "node {i}: {store:?}");
     }
 
-    // The command line, inside a node (where etcd is), marks b1.
+    // The command line, inside a node (where etcd is), marks b1 and says
+    // so in its exit status.
     let out = fleet.xlb_inside(0, &["fleet", "health"]);
     let shown = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
+    assert_eq!(
+        out.status.code(),
+        Some(1),
         "{shown}{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -570,6 +576,11 @@ fn each_node_publishes_its_view_of_health_and_disagreement_shows() {
             .to_owned()
     };
     assert!(shown.contains("2 nodes (n0, n1)"), "{shown}");
+    for (i, node) in fleet.nodes.iter().enumerate() {
+        let holder = format!("\n  n{i}: pid ");
+        assert!(shown.contains(&holder), "{shown}");
+        assert!(shown.contains(&format!("({})", node.addr)), "{shown}");
+    }
     let b1_row = row("b1");
     assert!(
         b1_row.contains("down (unreachable)") && b1_row.ends_with("DISAGREE"),
@@ -582,6 +593,7 @@ fn each_node_publishes_its_view_of_health_and_disagreement_shows() {
     );
     wait_for_metric(&fleet, 0, "xlb_fleet_health_disagreements", 1.0);
     let out = fleet.xlb_inside(1, &["--json", "fleet", "health"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
     let parsed: FleetHealth = serde_json::from_slice(&out.stdout).expect("fleet health as JSON");
     assert_eq!(parsed.disagreements(), 1, "{parsed:?}");
     assert_eq!(parsed.store, fleet.store_url());
@@ -601,6 +613,36 @@ fn each_node_publishes_its_view_of_health_and_disagreement_shows() {
         shown.contains("1 node (n0)") && !shown.contains("DISAGREE"),
         "{shown}"
     );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    // A check that expects two nodes finds one missing.
+    let out = fleet.xlb_inside(0, &["fleet", "health", "--min-nodes", "2"]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(shown.contains("1 node publishes, 2 expected"), "{shown}");
+    // Not having looked is never a verdict on the fleet: 2, with why.
+    for (i, args, why) in [
+        (
+            0,
+            &["fleet", "health", "--store", "etcd://127.0.0.1:9/fleet"][..],
+            "etcd at etcd://127.0.0.1:9/fleet",
+        ),
+        (
+            0,
+            &["fleet", "health", "--store", "http://127.0.0.1:9/fleet"][..],
+            "does not start with etcd://",
+        ),
+        (1, &["fleet", "health"][..], "no xlb daemon"),
+        (
+            0,
+            &["fleet", "health", "--min-nodes", "two"][..],
+            "invalid value",
+        ),
+    ] {
+        let out = fleet.xlb_inside(i, args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "xlb {args:?}: {out:?}");
+        assert!(stderr.contains(why), "xlb {args:?}: {stderr}");
+    }
     assert!(
         fleet.log(1).contains(&format!(
             "publishes its health view under {PREFIX}/v1/health/n1/ (lease"
@@ -612,4 +654,216 @@ fn each_node_publishes_its_view_of_health_and_disagreement_shows() {
         stop.store(true, Ordering::Relaxed);
     }
     fleet.close();
+}
+
+/// Who holds node name `node` in the store, if anyone.
+fn holder(fleet: &Fleet, node: &str) -> Option<Holder> {
+    let key = format!("{PREFIX}/v1/health/{node}");
+    let value = fleet.get_prefix(&key).remove(&key)?;
+    Some(serde_json::from_str(&value).unwrap_or_else(|e| panic!("{key}: {value}: {e}")))
+}
+
+/// Waits (a minute at most: a guard, not a target) until node name `node`
+/// is held by the node at `addr` (None: by nobody).
+fn wait_for_holder(fleet: &Fleet, node: &str, addr: Option<Ipv4Addr>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let held = holder(fleet, node);
+        if held.as_ref().map(|h| h.addrs.clone()) == addr.map(|a| vec![IpAddr::V4(a)]) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node name {node} never went to {addr:?}: {held:?}\n{}",
+            fleet.logs()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Node `i`'s config with `from` replaced by `to`.
+fn edit_config(fleet: &Fleet, i: usize, from: &str, to: &str) {
+    let path = &fleet.nodes[i].config;
+    let text = fs::read_to_string(path).expect("a node's config");
+    assert!(text.contains(from), "{from:?} not in {text}");
+    fs::write(path, text.replace(from, to)).expect("writing a node's config");
+}
+
+/// Two daemons given one node name (here the same `node.name`; the same
+/// host name without one is the same case) never publish under it
+/// together:
+/// - a node that finds its name held by a live node waits out that node's
+///   lease, then refuses to start, naming the holder and what to set;
+/// - a node that loses its name while cut off from etcd (its lease ran out
+///   and the other node took the name) does not take it back: it stops
+///   publishing and says so in its log, status and metrics, until the
+///   name is free again;
+/// - a later run of the same node takes its name over at once.
+#[test]
+fn two_nodes_never_publish_under_one_name() {
+    if !privileged() {
+        return;
+    }
+    let mut fleet = Fleet::new("names", &[XLB.into()], 2, LIMITS);
+    let [a0, a1] = [fleet.nodes[0].addr, fleet.nodes[1].addr];
+    fleet.ok(
+        0,
+        &[
+            "vip",
+            "add",
+            "web",
+            "198.18.100.1:80",
+            "--ring-size",
+            "1009",
+        ],
+    );
+    fleet.ok(0, &["cluster", "add", "web", "east"]);
+    fleet.ok(0, &["backend", "add", "web", "east", "b1", "198.18.0.21"]);
+    wait_for_holder(&fleet, "n0", Some(a0));
+    wait_for_holder(&fleet, "n1", Some(a1));
+    let view = |node: &str| format!("{PREFIX}/v1/health/{node}/web/east/b1");
+    wait_for_views(&fleet, "showed both nodes' views", |views| {
+        views.contains_key(&view("n0")) && views.contains_key(&view("n1"))
+    });
+
+    // -- Node 1, renamed n0 by mistake, refuses to start.
+    fleet.stop_node(1);
+    edit_config(&fleet, 1, "name = \"n1\"", "name = \"n0\"");
+    let said = refused_start(&fleet, 1);
+    for words in [
+        "waiting up to".to_owned(),
+        format!(
+            "node name \"n0\" is in use in the fleet at {} by another node: pid",
+            fleet.store_url()
+        ),
+        format!("({a0}), pins {}", fleet.nodes[0].pin_dir.display()),
+        format!("(key {PREFIX}/v1/health/n0, held for longer than its lease)"),
+        "another node.name in its config".to_owned(),
+    ] {
+        assert!(said.contains(&words), "{words:?} not in:\n{said}");
+    }
+    let first = holder(&fleet, "n0").expect("a holder");
+    assert_eq!(first.addrs, vec![IpAddr::V4(a0)]);
+    // So does a second daemon of node 0 itself (same machine, namespace
+    // and pins: not an earlier run, since the first one still runs).
+    let said = refused_start(&fleet, 0);
+    let running = format!("by another node: pid {} on host", first.pid);
+    assert!(said.contains(&running), "{said}");
+    assert_eq!(holder(&fleet, "n0"), Some(first));
+
+    // -- Node 0 cut off until its lease runs out: node 1 (as n0) may start
+    //    and takes the name.
+    fleet.cut_off(0, true);
+    wait_for_holder(&fleet, "n0", None);
+    fleet.start_node(1);
+    wait_for_holder(&fleet, "n0", Some(a1));
+    wait_for_views(&fleet, "showed node 1's view as n0", |views| {
+        views.contains_key(&view("n0"))
+    });
+    // Back on the network, node 0 finds its name taken: it stops
+    // publishing and says so; the name stays node 1's.
+    fleet.cut_off(0, false);
+    wait_for_metric(&fleet, 0, "xlb_fleet_node_name_held_elsewhere", 1.0);
+    let text = fleet.scrape(0);
+    assert_eq!(
+        sample(&text, "xlb_fleet_node_name_conflicts_total"),
+        Some(1.0),
+        "{text}"
+    );
+    let store = fleet.status(0).store.expect("store status");
+    assert_eq!(store.node, "n0");
+    let held_by = store.name_held_by.expect("the holder, in the status");
+    assert!(held_by.contains(&format!("({a1})")), "{held_by}");
+    let shown = fleet.ok(0, &["status"]);
+    assert!(
+        shown.contains("node name:  n0 HELD BY ANOTHER NODE"),
+        "{shown}"
+    );
+    assert!(
+        fleet
+            .log(0)
+            .contains("node name \"n0\" is held by another node: pid"),
+        "{}",
+        fleet.log(0)
+    );
+    assert_eq!(
+        holder(&fleet, "n0").map(|h| h.addrs),
+        Some(vec![IpAddr::V4(a1)])
+    );
+    let out = fleet.xlb_inside(0, &["fleet", "health"]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains(&format!(
+            "n0: pid {}",
+            holder(&fleet, "n0").expect("a holder").pid
+        )),
+        "{shown}"
+    );
+
+    // -- Node 1 stops: once its lease runs out, node 0 takes its name back.
+    fleet.stop_node(1);
+    wait_for_holder(&fleet, "n0", Some(a0));
+    wait_for_metric(&fleet, 0, "xlb_fleet_node_name_held_elsewhere", 0.0);
+    assert!(
+        fleet
+            .log(0)
+            .contains("node name \"n0\" is this node's again"),
+        "{}",
+        fleet.log(0)
+    );
+    wait_for_views(&fleet, "showed node 0's view again", |views| {
+        views.contains_key(&view("n0"))
+    });
+
+    // -- A later run of node 0, well within its lease, takes the name over
+    //    at once: it is the same node (same machine, namespace and pins).
+    edit_config(&fleet, 0, "health_lease = 3", "health_lease = 120");
+    fleet.stop_node(0);
+    fleet.start_node(0);
+    wait_for_holder(&fleet, "n0", Some(a0));
+    fleet.stop_node(0);
+    let pid_before = holder(&fleet, "n0").expect("a holder").pid;
+    let earlier = fleet.log(0).len();
+    fleet.start_node(0);
+    let log = fleet.log(0)[earlier..].to_owned();
+    assert!(
+        log.contains("node name \"n0\" taken over from this node's previous run (pid")
+            && !log.contains("waiting up to"),
+        "{log}"
+    );
+    let taken = holder(&fleet, "n0").expect("a holder");
+    assert_ne!(taken.pid, pid_before, "{taken:?}");
+    assert_eq!(taken.addrs, vec![IpAddr::V4(a0)]);
+    fleet.close();
+}
+
+/// Runs `xlb run` with node `i`'s config in its namespace, which must
+/// exit with status 1 (a minute at most: a guard, not a target); returns
+/// what it said.
+fn refused_start(fleet: &Fleet, i: usize) -> String {
+    let node = &fleet.nodes[i];
+    let log = node.config.with_file_name("refused.log");
+    let stderr = fs::File::create(&log).expect("a log");
+    let mut command = node.host.command(XLB);
+    command
+        .args(["run", "--config"])
+        .arg(&node.config)
+        .args(["--store", &fleet.store_url()])
+        .stderr(stderr);
+    let refused = node.host.spawn(&mut command).expect("starting xlb run");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = refused.try_wait().expect("polling xlb run") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {i}'s xlb run started:\n{}",
+            fs::read_to_string(&log).unwrap_or_default()
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    let said = fs::read_to_string(&log).expect("its log");
+    assert_eq!(status.code(), Some(1), "{said}");
+    said
 }
