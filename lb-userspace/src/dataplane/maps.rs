@@ -720,8 +720,8 @@ impl ConnTable {
     /// The largest VIP generation any entry of the table carries (0: the
     /// table is empty). Reads every set; done once, on a restart, while the
     /// program keeps running. On the test machine, for the default 2^21
-    /// flows (2^19 sets): about 20 ms mapped, 0.6 to 0.85 s per syscall;
-    /// for 2^24 flows, 0.15 s against 4.5 s.
+    /// flows (2^19 sets): 13 to 18 ms mapped, 0.6 to 0.85 s per syscall;
+    /// for 2^24 flows, 0.1 to 0.15 s against 4.5 s.
     pub fn newest_generation(&self) -> Result<u32, DataplaneError> {
         self.best_reader().newest_generation()
     }
@@ -921,4 +921,53 @@ fn sum_traffic(
         total.add(value);
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sample_windows;
+
+    /// The windows as (first, end) pairs.
+    fn windows(sets: u32, max_sets: u32, window: u32) -> Vec<(u32, u32)> {
+        sample_windows(sets, max_sets, window)
+            .map(|r| (r.start, r.end))
+            .collect()
+    }
+
+    #[test]
+    fn a_budget_as_large_as_the_table_reads_every_set() {
+        assert_eq!(windows(1024, 1024, 1024), [(0, 1024)]);
+        assert_eq!(windows(1024, u32::MAX, 1024), [(0, 1024)]);
+        assert_eq!(windows(1024, 1024, 1).len(), 1024);
+    }
+
+    #[test]
+    fn a_sample_spreads_its_windows_evenly_over_the_table() {
+        assert_eq!(
+            windows(1 << 20, 4096, 1024),
+            [
+                (0, 1024),
+                (262_144, 263_168),
+                (524_288, 525_312),
+                (786_432, 787_456)
+            ]
+        );
+        // Per syscall: single sets, as evenly.
+        let single = windows(1 << 20, 4096, 1);
+        assert_eq!(single.len(), 4096);
+        assert!(
+            single
+                .iter()
+                .enumerate()
+                .all(|(k, r)| *r == (k as u32 * 256, k as u32 * 256 + 1))
+        );
+    }
+
+    #[test]
+    fn a_budget_that_does_not_divide_reads_whole_windows_inside_the_table() {
+        let sample = windows(4096, 3000, 1024);
+        assert_eq!(sample, [(0, 1024), (2048, 3072)]);
+        assert_eq!(windows(4096, 0, 1024), [(0, 1)]);
+        assert_eq!(windows(1, 65_536, 1024), [(0, 1)]);
+    }
 }
