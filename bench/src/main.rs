@@ -5,6 +5,7 @@
 //! Run through `cargo xtask bench NAME [ARGS]`, which sets the machine up
 //! first, or `cargo run --release -p xlb-bench -- NAME [ARGS]` (as root).
 
+mod conntrack;
 mod control;
 mod dataplane;
 mod etcd;
@@ -55,6 +56,10 @@ enum Bench {
     /// Maglev build time and backend change -> all rings programmed, for
     /// 10/100/1000 backends x 1/10/100 VIPs.
     Control(control::Args),
+    /// Reading the connection table through its shared mapping against one
+    /// lookup per set: a restart's scan (2M and 16M flows) and a /metrics
+    /// scrape's occupancy count, with its error.
+    Conntrack(conntrack::Args),
     /// Time from a write in etcd to rings programmed on every node of a
     /// fleet of three, for 1, 100 and 1 000 backend changes.
     Etcd(etcd::Args),
@@ -89,6 +94,7 @@ const QUICK: &[&[&str]] = &[
         "50",
     ],
     &["control", "--quick"],
+    &["conntrack", "--quick"],
     &["scale", "--quick"],
     &["live", "--quick"],
     &["peer", "--quick"],
@@ -101,7 +107,7 @@ fn main() -> ExitCode {
         (Some(bench), _) => run(bench),
         (None, true) => quick(),
         (None, false) => Err(anyhow::anyhow!(
-            "name a benchmark (dataplane, maglev, health, etcd, live, peer, control, scale; see --help), \
+            "name a benchmark (dataplane, maglev, health, etcd, live, peer, control, conntrack, scale; see --help), \
              or give --quick for a short run of all of them"
         )),
     };
@@ -144,6 +150,7 @@ fn run(bench: Bench) -> anyhow::Result<()> {
         Bench::Peer(args) => peer::run(&args),
         Bench::Scale(args) => scale::run(&args),
         Bench::Control(args) => control::run(&args),
+        Bench::Conntrack(args) => conntrack::run(&args),
         Bench::Etcd(args) => etcd::run(&args),
         Bench::Xlb { .. } => Err(anyhow::anyhow!(
             "`xlb` runs the xlb command line, not a benchmark"

@@ -29,8 +29,8 @@ use lb_common::{
     PROTO_UDP, Settings, VipInfo, VipKey, addr_from_ip, conntrack_sets, map_names,
 };
 use xlb::dataplane::{
-    AttachMode, Dataplane, DataplaneError, Limits, RingWrites, Role, pinned_links, remove_pinned,
-    xdp_attachment,
+    AttachMode, ConnReads, Dataplane, DataplaneError, Limits, RingWrites, Role, pinned_links,
+    remove_pinned, xdp_attachment,
 };
 use xlb::topology::{Host, LinkOpts, Topology};
 use xlb_tests::{
@@ -188,6 +188,16 @@ fn maps_and_the_connection_table_survive_a_restart() {
         "the VIP mirror is rebuilt from VIPS"
     );
     assert_eq!(dp.rings.writes(), RingWrites::Mapped, "the reused RINGS");
+    assert_eq!(
+        dp.conntrack.reads(),
+        ConnReads::Mapped,
+        "the reused CONNTRACK"
+    );
+    assert_eq!(
+        dp.conntrack.newest_generation().ok(),
+        Some(web6_generation),
+        "the deleted VIP's flow carries the newest generation"
+    );
     assert_eq!(
         dp.rings
             .read(WEB_V4.ring_offset(), RING_SIZE)
@@ -386,6 +396,7 @@ fn a_rings_map_pinned_before_it_was_mmapable_is_kept_and_written_per_slot() {
     dp.detach_all().expect("detach_all");
     let dp = Dataplane::load_pinned(LIMITS, &dir).expect("loading afresh");
     assert!(dp.reused_maps().is_empty());
+    assert_eq!(dp.conntrack.reads(), ConnReads::Mapped);
     assert_eq!(dp.rings.writes(), RingWrites::Mapped);
     dp.detach_all().expect("detach_all");
 }
@@ -420,10 +431,17 @@ fn a_connection_table_pinned_before_it_was_mmapable_is_kept_with_its_flows() {
     assert_new_flows_go_to(&mut dp, &WEB_V4, first, 40_000);
 
     // After a restart the flow still goes to its backend, whatever the ring
-    // says now.
+    // says now. The table is read one lookup per set, and read right: its
+    // one flow, of WEB_V4's generation.
+    let generation = dp.vips.get(&WEB_V4.key()).expect("WEB_V4").generation;
     drop(dp);
     let mut dp = Dataplane::load_pinned(LIMITS, &dir).expect("loading again");
     assert_eq!(sorted(dp.reused_maps()), sorted(&MAPS));
+    assert_eq!(dp.conntrack.reads(), ConnReads::PerSetSyscall);
+    assert!(dp.conntrack.reader(ConnReads::Mapped).is_none());
+    assert_eq!(dp.conntrack.newest_generation().ok(), Some(generation));
+    let occupancy = dp.conntrack.occupancy(u32::MAX).expect("counting");
+    assert_eq!((occupancy.used, occupancy.estimate()), (1, 1));
     dp.rings
         .write(WEB_V4.ring_offset(), &vec![second; RING_SIZE as usize])
         .expect("writing RINGS");
@@ -441,6 +459,7 @@ fn a_connection_table_pinned_before_it_was_mmapable_is_kept_with_its_flows() {
     dp.detach_all().expect("detach_all");
     let dp = Dataplane::load_pinned(LIMITS, &dir).expect("loading afresh");
     assert!(dp.reused_maps().is_empty());
+    assert_eq!(dp.conntrack.reads(), ConnReads::Mapped);
     let info = MapInfo::from_pin(dir.join(map_names::CONNTRACK)).expect("the pinned CONNTRACK");
     assert_ne!(
         info.map_flags() & BPF_F_MMAPABLE,

@@ -37,6 +37,7 @@
 //! one is created and pinned.
 
 mod egress;
+mod mapped_sets;
 pub mod maps;
 pub mod nexthop;
 mod slots;
@@ -70,8 +71,8 @@ use lb_common::{
 };
 
 pub use self::maps::{
-    BackendTable, ConnGeometry, ConnTable, CounterReader, DecapTable, NextHopTable, RingTable,
-    RingWrites, SettingsTable, TxPorts, VipTable,
+    BackendTable, ConnGeometry, ConnReader, ConnReads, ConnTable, CounterReader, DecapTable,
+    NextHopTable, RingTable, RingWrites, SettingsTable, TxPorts, VipTable,
 };
 
 /// The XDP object built from `lb-ebpf` by this crate's build script.
