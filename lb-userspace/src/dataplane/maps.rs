@@ -405,9 +405,13 @@ impl RingTable {
         }
     }
 
-    /// Writes a whole ring at `offset`.
+    /// Writes a whole ring at `offset`; nothing if a slot's backend id
+    /// does not fit 16 bits.
     pub fn write(&mut self, offset: u32, slots: &[u32]) -> Result<(), DataplaneError> {
-        self.check(offset, slots)?;
+        self.check(offset, slots.len())?;
+        if let Some(&id) = slots.iter().max() {
+            check_backend_id(id)?;
+        }
         for (index, backend_id) in (offset..).zip(slots) {
             self.set(index, *backend_id)?;
         }
@@ -415,14 +419,16 @@ impl RingTable {
     }
 
     /// Rewrites a ring from `old` to `new` (same length), writing only the
-    /// slots that differ. Returns how many were written.
+    /// slots that differ. Returns how many were written. A backend id that
+    /// does not fit 16 bits stops it there, with an error (the slots before
+    /// it are written).
     pub fn update(
         &mut self,
         offset: u32,
         old: &[u32],
         new: &[u32],
     ) -> Result<usize, DataplaneError> {
-        self.check(offset, new)?;
+        self.check(offset, new.len())?;
         if old.len() != new.len() {
             self.write(offset, new)?;
             return Ok(new.len());
@@ -430,6 +436,7 @@ impl RingTable {
         let mut written = 0;
         for ((index, before), after) in (offset..).zip(old).zip(new) {
             if before != after {
+                check_backend_id(*after)?;
                 self.set(index, *after)?;
                 written += 1;
             }
@@ -439,11 +446,7 @@ impl RingTable {
 
     /// Reads `len` slots at `offset`, as the packet path sees them.
     pub fn read(&self, offset: u32, len: u32) -> Result<Vec<u32>, DataplaneError> {
-        check_range(
-            "ring end",
-            u64::from(offset) + u64::from(len),
-            self.capacity.into(),
-        )?;
+        self.check(offset, len as usize)?;
         (offset..offset + len)
             .map(|index| self.shared.get(index).map(u32::from).map_err(mmap_error))
             .collect()
@@ -455,11 +458,10 @@ impl RingTable {
         let Some(old) = &self.old else {
             return Ok(());
         };
-        let ring = (offset..offset + len)
-            .map(|index| old.get(index))
-            .collect::<Result<Vec<u32>, _>>()?;
-        self.check(offset, &ring)?;
-        for (index, backend_id) in (offset..).zip(ring) {
+        self.check(offset, len as usize)?;
+        for index in offset..offset + len {
+            let backend_id = old.get(index)?;
+            check_backend_id(backend_id)?;
             self.shared
                 .set(index, backend_id as u16)
                 .map_err(mmap_error)?;
@@ -498,17 +500,12 @@ impl RingTable {
         Ok(())
     }
 
-    /// Every slot must fit, and every backend id must fit 16 bits.
-    fn check(&self, offset: u32, slots: &[u32]) -> Result<(), DataplaneError> {
+    fn check(&self, offset: u32, len: usize) -> Result<(), DataplaneError> {
         check_range(
             "ring end",
-            u64::from(offset) + slots.len() as u64,
+            u64::from(offset) + len as u64,
             self.capacity.into(),
-        )?;
-        match slots.iter().max() {
-            Some(&id) => check_range("ring backend id", id.into(), u64::from(MAX_IDS) - 1),
-            None => Ok(()),
-        }
+        )
     }
 
     fn set(&mut self, index: u32, backend_id: u32) -> Result<(), DataplaneError> {
@@ -569,6 +566,11 @@ impl OldRings {
                 .map_err(DataplaneError::map(map_names::RINGS)),
         }
     }
+}
+
+/// A ring slot holds 16 bits.
+fn check_backend_id(id: u32) -> Result<(), DataplaneError> {
+    check_range("ring backend id", id.into(), u64::from(MAX_IDS) - 1)
 }
 
 fn mmap_error(source: std::io::Error) -> DataplaneError {

@@ -45,20 +45,25 @@ struct SharedArray {
     chunks: Vec<OnceLock<MmapRaw>>,
     /// Elements of the array.
     len: u32,
-    /// Bytes per element, as the kernel lays them out.
+    /// Bytes per element, as the kernel lays them out: a power of two.
     stride: usize,
+    /// log2 of the elements per chunk: every slot write finds its chunk,
+    /// so a shift rather than a division.
+    chunk_shift: u32,
 }
 
 impl SharedArray {
     fn new(fd: OwnedFd, len: u32, stride: usize) -> Self {
-        let per_chunk = (CHUNK_BYTES / stride) as u32;
+        assert!(stride.is_power_of_two() && stride <= CHUNK_BYTES);
+        let chunk_shift = (CHUNK_BYTES / stride).trailing_zeros();
         Self {
             fd,
-            chunks: (0..len.div_ceil(per_chunk))
+            chunks: (0..len.div_ceil(1 << chunk_shift))
                 .map(|_| OnceLock::new())
                 .collect(),
             len,
             stride,
+            chunk_shift,
         }
     }
 
@@ -67,21 +72,20 @@ impl SharedArray {
     /// Panics if `index` is out of range (callers check their slots).
     fn element(&self, index: u32) -> io::Result<*mut u8> {
         assert!(index < self.len, "element {index} of {}", self.len);
-        let per_chunk = (CHUNK_BYTES / self.stride) as u32;
-        let map = self.chunk(index / per_chunk, per_chunk)?;
-        let at = (index % per_chunk) as usize * self.stride;
-        // SAFETY: the chunk maps elements `chunk * per_chunk` onwards, up
-        // to `len`, so the byte offset of `index` is inside it.
+        let map = self.chunk(index >> self.chunk_shift)?;
+        let at = (index & ((1 << self.chunk_shift) - 1)) as usize * self.stride;
+        // SAFETY: the chunk maps its elements from `chunk << chunk_shift`
+        // on, up to `len`, so the byte offset of `index` is inside it.
         Ok(unsafe { map.as_mut_ptr().add(at) })
     }
 
-    fn chunk(&self, chunk: u32, per_chunk: u32) -> io::Result<&MmapRaw> {
+    fn chunk(&self, chunk: u32) -> io::Result<&MmapRaw> {
         let cell = &self.chunks[chunk as usize];
         if let Some(map) = cell.get() {
             return Ok(map);
         }
-        let first = chunk * per_chunk;
-        let elements = per_chunk.min(self.len - first);
+        let first = chunk << self.chunk_shift;
+        let elements = (1 << self.chunk_shift).min(self.len - first);
         let map = MmapOptions::new()
             .offset(u64::from(first) * self.stride as u64)
             .len(elements as usize * self.stride)
