@@ -372,9 +372,11 @@ impl Dataplane {
     /// is first checked against this build and `limits` (map type, key and
     /// value sizes, entries); a mismatch is a
     /// [`DataplaneError::PinnedMapMismatch`] naming the map, e.g. "pinned map
-    /// RINGS (<pin_dir>/RINGS) has 1048576 entries, the configuration
-    /// (ring_capacity) asks for 2097152 entries: run `xlb detach` ...". The
-    /// one userspace mirror, the
+    /// CONNTRACK (<pin_dir>/CONNTRACK) has 524288 entries (2097152 flows),
+    /// the configuration (conntrack_size) asks for 262144 entries (1048576
+    /// flows): run `xlb detach` ...". A `RINGS` of an earlier xlb's `u32`
+    /// slots is upgraded instead (see [`RingTable`]). The one userspace
+    /// mirror, the
     /// [`VipTable`]'s, is then rebuilt from the maps: see
     /// [`VipTable::restore`] for exactly what is read back.
     ///
