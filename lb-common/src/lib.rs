@@ -138,7 +138,8 @@ pub const VIP_F_CLIENT_AFFINITY: u32 = 1 << 0;
 pub struct VipInfo {
     /// Index into `VIP_STATS`; unique among the programmed VIPs.
     pub id: u32,
-    /// First slot of this VIP's ring in the flat `RINGS` array.
+    /// First slot of this VIP's ring in the flat ring storage (a slot
+    /// index, not a `RINGS` element: see [`RingLine`]).
     pub ring_offset: u32,
     /// Number of slots of the ring (a prime); 0 means the VIP has no ring yet.
     pub ring_size: u32,
@@ -266,6 +267,51 @@ pub fn conntrack_sets(entries: u32) -> u32 {
     } else {
         1 << (31 - sets.leading_zeros())
     }
+}
+
+/// Ring slots per [`RingLine`].
+pub const RING_LINE_SLOTS: u32 = 32;
+
+/// Value of the `RINGS` array: one cache line of 32 ring slots, each a
+/// backend id (they fit 16 bits, see [`MAX_IDS`]). All VIPs' rings lie back
+/// to back in one flat storage of slots; slot `i` is lane `i % 32` of
+/// element `i / 32` (see [`RingPlace`]).
+///
+/// Why lines of `u16` rather than one `u32` per element: the kernel stores
+/// an array element in `round_up(value_size, 8)` bytes, so a `u32` slot
+/// costs 8 bytes and a 65 537-slot ring 512 KiB; packed, 2 bytes and
+/// 128 KiB, and four times as many slots share each cache line a lookup
+/// pulls in. `RINGS` is mmapable, which starts its values on a page, so
+/// each element is exactly one cache line.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingLine {
+    pub slots: [u16; RING_LINE_SLOTS as usize],
+}
+
+/// Where a slot of the flat ring storage lives in `RINGS`: the one mapping
+/// from slots to elements, used by the XDP program and the controller alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingPlace {
+    /// The `RINGS` element (line).
+    pub line: u32,
+    /// The slot within the line, below [`RING_LINE_SLOTS`].
+    pub lane: usize,
+}
+
+impl RingPlace {
+    #[inline(always)]
+    pub const fn of(slot: u32) -> Self {
+        Self {
+            line: slot / RING_LINE_SLOTS,
+            lane: (slot % RING_LINE_SLOTS) as usize,
+        }
+    }
+}
+
+/// `RINGS` elements for a storage of `slots` ring slots.
+pub const fn ring_lines(slots: u32) -> u32 {
+    slots.div_ceil(RING_LINE_SLOTS)
 }
 
 /// Per-CPU traffic counters of one VIP or backend.
@@ -510,6 +556,7 @@ mod pod {
     unsafe impl aya::Pod for Traffic {}
     unsafe impl aya::Pod for AddrKey {}
     unsafe impl aya::Pod for VipFilter {}
+    unsafe impl aya::Pod for RingLine {}
 }
 
 #[cfg(test)]
@@ -528,6 +575,26 @@ mod tests {
         assert_eq!(size_of::<Traffic>(), 24);
         assert_eq!(size_of::<FlowSet>(), 64);
         assert_eq!(size_of::<AddrKey>(), 20);
+        assert_eq!(size_of::<RingLine>(), 64);
+        assert_eq!(core::mem::align_of::<RingLine>(), 64);
+    }
+
+    #[test]
+    fn ring_slots_fill_lines_in_order() {
+        assert_eq!(RingPlace::of(0), RingPlace { line: 0, lane: 0 });
+        assert_eq!(RingPlace::of(31), RingPlace { line: 0, lane: 31 });
+        assert_eq!(RingPlace::of(32), RingPlace { line: 1, lane: 0 });
+        assert_eq!(
+            RingPlace::of(u32::MAX),
+            RingPlace {
+                line: u32::MAX / 32,
+                lane: 31
+            }
+        );
+        assert_eq!(ring_lines(1), 1);
+        assert_eq!(ring_lines(32), 1);
+        assert_eq!(ring_lines(33), 2);
+        assert_eq!(ring_lines(DEFAULT_RING_CAPACITY), 1_048_592);
     }
 
     #[test]

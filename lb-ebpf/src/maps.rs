@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     AddrKey, Backend, Counter, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
-    DEFAULT_RING_SIZE, FLOW_WAYS, FlowSet, MAX_DECAP_ADDRS, MAX_TX_PORTS, NextHop, Settings,
-    Traffic, VipFilter, VipInfo, VipKey,
+    DEFAULT_RING_SIZE, FLOW_WAYS, FlowSet, MAX_DECAP_ADDRS, MAX_TX_PORTS, NextHop, RingLine,
+    Settings, Traffic, VipFilter, VipInfo, VipKey, ring_lines,
 };
 
 #[map]
@@ -29,12 +29,14 @@ pub static VIP_LIVE: Array<u32> = Array::with_max_entries(DEFAULT_MAX_VIPS, 0);
 #[map]
 pub static VIP_FILTER: Array<VipFilter> = Array::with_max_entries(1, 0);
 
-/// All VIPs' Maglev rings back to back; a VIP's `ring_offset` and
-/// `ring_size` delimit its own. Each slot holds a backend id. Mmapable, so
-/// that the controller rewrites slots with plain stores instead of one
-/// syscall each; lookups are those of any array.
+/// All VIPs' Maglev rings back to back, 32 slots of 16 bits per element
+/// (see `RingLine`); a VIP's `ring_offset` and `ring_size` delimit its own,
+/// in slots. Mmapable, so that the controller rewrites slots with plain
+/// stores instead of one syscall each, and so that the values start on a
+/// page: each element is then exactly one cache line.
 #[map]
-pub static RINGS: Array<u32> = Array::with_max_entries(DEFAULT_RING_SIZE, BPF_F_MMAPABLE);
+pub static RINGS: Array<RingLine> =
+    Array::with_max_entries(ring_lines(DEFAULT_RING_SIZE), BPF_F_MMAPABLE);
 
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);

@@ -2,8 +2,8 @@
 //! and the backend is up, else the VIP's Maglev ring's (and record it).
 
 use lb_common::{
-    BACKEND_F_UP, Backend, ConnSlot, Counter, FlowSet, Settings, VIP_F_CLIENT_AFFINITY, VipInfo,
-    ring_hash, ring_slot,
+    BACKEND_F_UP, Backend, ConnSlot, Counter, FlowSet, RingPlace, Settings, VIP_F_CLIENT_AFFINITY,
+    VipInfo, ring_hash, ring_slot,
 };
 
 use crate::{
@@ -92,7 +92,7 @@ pub fn from_ring(
     if let Some(tracking) = tracking {
         conntrack::prefetch(tracking.set);
     }
-    let backend_id = array_get(&RINGS, vip.ring_offset + ring_slot(hash, vip.ring_size))
+    let backend_id = ring_backend(vip.ring_offset + ring_slot(hash, vip.ring_size))
         .ok_or(Counter::DropNoBackend)?;
     let backend = programmed_backend(backend_id).ok_or(Counter::DropNoBackend)?;
     match tracking {
@@ -110,6 +110,16 @@ pub fn from_ring(
         vip_id: vip.id,
         new_flow: true,
     })
+}
+
+/// The backend id in one slot of the ring storage: one lane of one line.
+/// The lane is below 32 by construction, so the array access needs no
+/// runtime check and the verifier sees an offset within the 64-byte value.
+#[inline(always)]
+fn ring_backend(slot: u32) -> Option<u32> {
+    let place = RingPlace::of(slot);
+    let line = RINGS.get(place.line)?;
+    line.slots.get(place.lane).map(|id| u32::from(*id))
 }
 
 #[inline(always)]

@@ -48,7 +48,7 @@
 //! | --- | --- | --- |
 //! | `max_vips` | 512 | VIPs at most |
 //! | `max_backends` | 4096 | backends at most, counted per VIP (a backend address in two VIPs counts twice: each has its own counters and state); at most 65536 |
-//! | `ring_capacity` | 512 × 65537 | Maglev ring slots of all VIPs together: the sum of the VIPs' `ring_size` must fit |
+//! | `ring_capacity` | 512 × 65537 | Maglev ring slots of all VIPs together (2 bytes each in the kernel): the sum of the VIPs' `ring_size` must fit |
 //! | `conntrack_size` | 2²¹ | connection-table flows (16 bytes each, one table shared by all CPUs) |
 //!
 //! `[node.policy]`: the multi-cluster traffic policy.

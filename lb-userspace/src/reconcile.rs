@@ -391,7 +391,13 @@ impl Reconciler {
 
     /// The VIP's place in the ring storage: kept while its size is, else
     /// the first gap that fits (first fit), never overlapping a place still
-    /// programmed.
+    /// programmed. Places are in slots and rings lie back to back, so two
+    /// VIPs' rings may share a 32-slot line of `RINGS`: aligning each ring
+    /// to a line would waste up to 31 slots per VIP, so that `max_vips`
+    /// rings of 65 537 slots no longer fit the default storage, and would
+    /// move the rings an earlier xlb placed (the running program reads
+    /// them where they are). Sharing costs nothing: a lookup reads one
+    /// lane, and each slot is written with its own 2-byte store.
     fn ring_place(&mut self, name: &str, size: u32) -> Result<(u32, u32), ReconcileError> {
         if let Some(place) = self.ring_places.get(name) {
             return Ok(*place);

@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::maps::{Array, Map, MapData, PerCpuArray};
-use lb_common::{Counter, map_names};
+use lb_common::{Counter, RingLine, map_names};
 
 use crate::scratch::unique_dir;
 
@@ -95,13 +95,23 @@ pub fn pinned(pin_dir: &Path, name: &str) -> MapData {
         .unwrap_or_else(|err| panic!("opening the pinned {name}: {err}"))
 }
 
-/// `len` slots of the `RINGS` pinned in `pin_dir` from `offset`, one
-/// `bpf_map_lookup_elem` each: what the kernel holds, whoever wrote it.
+/// `len` slots of the `RINGS` pinned in `pin_dir` from slot `offset`, one
+/// `bpf_map_lookup_elem` per line: what the kernel holds, whoever wrote it.
+/// The layout is spelled out here rather than taken from lb-common, so that
+/// a change there shows: slot `i` is lane `i % 32` of element `i / 32`.
 pub fn pinned_ring(pin_dir: &Path, offset: u32, len: u32) -> Vec<u32> {
-    let rings: Array<MapData, u32> =
+    let rings: Array<MapData, RingLine> =
         Array::try_from(Map::Array(pinned(pin_dir, map_names::RINGS))).expect("RINGS");
+    let mut line: Option<(u32, RingLine)> = None;
     (offset..offset + len)
-        .map(|i| rings.get(&i, 0).expect("reading RINGS"))
+        .map(|slot| {
+            let (index, lane) = (slot / 32, (slot % 32) as usize);
+            let (_, values) = match line {
+                Some((at, values)) if at == index => (at, values),
+                _ => *line.insert((index, rings.get(&index, 0).expect("reading RINGS"))),
+            };
+            u32::from(values.slots[lane])
+        })
         .collect()
 }
 

@@ -30,7 +30,7 @@ use xlb::{
 };
 
 use crate::{
-    bpffs::pinned,
+    bpffs::{pinned, pinned_ring},
     site::{Ground, Node, addressed, stdout_of_success},
 };
 
@@ -377,16 +377,14 @@ impl Fleet {
 pub fn read_rings(pin_dir: &Path) -> Rings {
     let vips: HashMap<MapData, VipKey, VipInfo> =
         HashMap::try_from(Map::HashMap(pinned(pin_dir, map_names::VIPS))).expect("VIPS");
-    let rings: Array<MapData, u32> =
-        Array::try_from(Map::Array(pinned(pin_dir, map_names::RINGS))).expect("RINGS");
     let backends: Array<MapData, BackendEntry> =
         Array::try_from(Map::Array(pinned(pin_dir, map_names::BACKENDS))).expect("BACKENDS");
     let mut out = Rings::new();
     for entry in vips.iter() {
         let (key, info) = entry.expect("reading VIPS");
-        let ring = (info.ring_offset..info.ring_offset + info.ring_size)
-            .map(|i| {
-                let id = rings.get(&i, 0).expect("reading RINGS");
+        let ring = pinned_ring(pin_dir, info.ring_offset, info.ring_size)
+            .into_iter()
+            .map(|id| {
                 let backend = backends.get(&id, 0).ok()?;
                 ip_from_addr(backend.family, &backend.addr)
             })

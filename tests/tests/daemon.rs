@@ -45,7 +45,7 @@ use xlb::{
 };
 use xlb_tests::{
     Pacing, UdpStream,
-    bpffs::{pinned, pinned_counters},
+    bpffs::{pinned, pinned_counters, pinned_ring},
     is_verdict,
     plan::plan,
     privileged,
@@ -133,8 +133,6 @@ struct Kernel {
 fn read_kernel(pin_dir: &Path) -> Kernel {
     let vips: HashMap<MapData, VipKey, VipInfo> =
         HashMap::try_from(Map::HashMap(pinned(pin_dir, map_names::VIPS))).expect("VIPS");
-    let rings: Array<MapData, u32> =
-        Array::try_from(Map::Array(pinned(pin_dir, map_names::RINGS))).expect("RINGS");
     let backend_map: Array<MapData, BackendEntry> =
         Array::try_from(Map::Array(pinned(pin_dir, map_names::BACKENDS))).expect("BACKENDS");
     let mut kernel = Kernel {
@@ -143,9 +141,7 @@ fn read_kernel(pin_dir: &Path) -> Kernel {
     };
     for entry in vips.iter() {
         let (key, info) = entry.expect("reading VIPS");
-        let ring: Vec<u32> = (info.ring_offset..info.ring_offset + info.ring_size)
-            .map(|i| rings.get(&i, 0).expect("reading RINGS"))
-            .collect();
+        let ring = pinned_ring(pin_dir, info.ring_offset, info.ring_size);
         kernel.vips.insert(key, (info, ring));
     }
     // Every programmed backend, also those no ring names (drained).

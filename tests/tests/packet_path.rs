@@ -9,7 +9,9 @@
 
 use std::net::IpAddr;
 
-use lb_common::{ConnSlot, Counter::*, FLOW_WAYS, FlowKey, NextHop, SETTINGS_F_GATEWAY_MAC};
+use lb_common::{
+    ConnSlot, Counter::*, FLOW_WAYS, FlowKey, NextHop, SETTINGS_F_GATEWAY_MAC, ring_slot,
+};
 use xlb_tests::*;
 
 /// A fixture, or return (skip) when the test may not run here.
@@ -886,6 +888,116 @@ fn full_size_ring_is_followed_slot_for_slot() {
         let pkt = Pkt::tcp_syn(CLIENT2_V4, sport, WEB_V4.addr, 80);
         assert_forwarded(&mut fx, &pkt.build(), &WEB_V4, &pkt.flow());
     }
+}
+
+// Ring slots are 16-bit lanes of 64-byte lines: slot `i` of the storage is
+// lane `i % 32` of line `i / 32`. A flow lands on one slot, and only that
+// slot's backend may be read.
+
+/// A packet from `make(port)` for the first source port whose flow hash the
+/// ring of `size` slots maps to slot `slot` of its own (`ring_slot`, the
+/// code the kernel runs).
+fn to_slot(size: u32, slot: u32, make: impl Fn(u16) -> Pkt) -> Pkt {
+    (1024..=u16::MAX)
+        .map(make)
+        .find(|pkt| ring_slot(pkt.flow().hash(HASH_SEED), size) == slot)
+        .expect("a source port for the slot")
+}
+
+/// Programs `vip` with a ring of `size` slots at `offset` of the storage.
+fn place_ring(fx: &mut Fixture, vip: &VipDef, offset: u32, ring: &[u32]) {
+    fx.dp.rings.write(offset, ring).expect("writing RINGS");
+    fx.dp
+        .vips
+        .insert(
+            vip.key(),
+            lb_common::VipInfo {
+                ring_offset: offset,
+                ring_size: ring.len() as u32,
+                ..vip.info()
+            },
+        )
+        .expect("writing VIPS");
+}
+
+fn assert_sent_to(fx: &mut Fixture, pkt: &Pkt, backend: u32, why: &str) {
+    let frame = pkt.build();
+    let (out, _) = fx.run_counted(&frame);
+    out.assert_sent(Action::Tx, &fx.expected_encap(&frame, backend));
+    assert_eq!(fx.tracked(&pkt.flow()), Some(backend), "{why}");
+}
+
+#[test]
+fn each_slot_at_a_line_edge_is_read_from_its_own_lane() {
+    let mut fx = fixture!();
+    let [plain, marked, ..] = POOL_V4[..] else {
+        panic!("a pool of two")
+    };
+    // 67 slots from slot 0: lines 0 and 1 whole, line 2 up to lane 2.
+    const SIZE: u32 = 67;
+    for (slot, what) in [
+        (0, "the first lane of a line"),
+        (31, "the last lane of a line"),
+        (32, "the first lane of the next line"),
+        (SIZE - 1, "the last slot of a ring that ends mid-line"),
+    ] {
+        let mut ring = vec![plain; SIZE as usize];
+        ring[slot as usize] = marked;
+        place_ring(&mut fx, &WEB_V4, 0, &ring);
+        for (at, backend) in [(slot, marked), ((slot + 1) % SIZE, plain)] {
+            let pkt = to_slot(SIZE, at, |port| {
+                Pkt::tcp_syn(CLIENT2_V4, port, WEB_V4.addr, WEB_V4.port)
+            });
+            assert_sent_to(
+                &mut fx,
+                &pkt,
+                backend,
+                &format!("slot {at} ({what}: {slot})"),
+            );
+        }
+    }
+}
+
+#[test]
+fn two_vips_whose_rings_share_a_line_each_read_their_own_slots() {
+    let mut fx = fixture!();
+    let [web, dns, other, ..] = POOL_V4[..] else {
+        panic!("a pool of three")
+    };
+    // Rings lie back to back in slots, as the reconciler places them: web's
+    // ends at lane 30 of line 0, dns's starts at lane 31 of the same line.
+    const SIZE: u32 = 31;
+    place_ring(&mut fx, &WEB_V4, 0, &[web; SIZE as usize]);
+    place_ring(&mut fx, &DNS_V4, SIZE, &[dns; SIZE as usize]);
+    let web_last = || {
+        to_slot(SIZE, SIZE - 1, |port| {
+            Pkt::tcp_syn(CLIENT2_V4, port, WEB_V4.addr, WEB_V4.port)
+        })
+    };
+    let dns_first = to_slot(SIZE, 0, |port| {
+        Pkt::udp(CLIENT2_V4, port, DNS_V4.addr, DNS_V4.port).payload(b"q")
+    });
+    assert_sent_to(&mut fx, &web_last(), web, "web's last slot");
+    assert_sent_to(&mut fx, &dns_first, dns, "dns's first slot, in web's line");
+
+    // Rewriting one VIP's ring leaves the other's lanes of the line alone.
+    let written = fx
+        .dp
+        .rings
+        .update(SIZE, &[dns; SIZE as usize], &[other; SIZE as usize])
+        .expect("updating RINGS");
+    assert_eq!(written, SIZE as usize);
+    assert_eq!(fx.ring(&WEB_V4), vec![web; SIZE as usize]);
+    assert_sent_to(
+        &mut fx,
+        &web_last(),
+        web,
+        "web's last slot, dns's ring changed",
+    );
+    let dns_new = to_slot(SIZE, 0, |port| {
+        Pkt::udp(CLIENT_V4, port, DNS_V4.addr, DNS_V4.port).payload(b"q")
+    });
+    assert_sent_to(&mut fx, &dns_new, other, "a new flow on dns's first slot");
 }
 
 // The backend side: decapsulation.

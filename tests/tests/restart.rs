@@ -14,27 +14,27 @@ use std::fs;
 use std::io;
 use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use aya::{
-    maps::MapInfo,
+    maps::{Array, Map, MapData, MapInfo},
     programs::{TestRun, TestRunOptions},
 };
 use lb_common::{
     BACKEND_F_UP, Backend, Counter, FLOW_WAYS, FlowKey, FlowSet, NEXTHOP_F_VALID, NextHop,
-    PROTO_UDP, Settings, VipInfo, VipKey, addr_from_ip, conntrack_sets, map_names,
+    PROTO_UDP, Settings, VipInfo, VipKey, addr_from_ip, conntrack_sets, map_names, ring_lines,
 };
 use xlb::dataplane::{
-    AttachMode, ConnReads, Dataplane, DataplaneError, Limits, RingWrites, Role, pinned_links,
-    remove_pinned, xdp_attachment,
+    AttachMode, ConnReads, Dataplane, DataplaneError, Limits, RingWrites, Role, link_pin_path,
+    pinned_links, remove_pinned, xdp_attachment,
 };
 use xlb::topology::{Host, LinkOpts, Topology};
 use xlb_tests::{
-    bpffs::{BpfFs, pinned_ring},
+    bpffs::{self, BpfFs, pinned_ring},
     *,
 };
 
@@ -293,48 +293,22 @@ fn assert_new_flows_go_to(dp: &mut Dataplane, vip: &VipDef, id: u32, client_port
 /// `BPF_F_MMAPABLE` (`include/uapi/linux/bpf.h`).
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
-/// BPF map types (`enum bpf_map_type`).
-const BPF_MAP_TYPE_ARRAY: u32 = 2;
-const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+/// bpf(2) with `attr`, a `#[repr(C)]` prefix of `union bpf_attr` for `cmd`.
+fn bpf<T>(cmd: libc::c_long, attr: &T) -> libc::c_long {
+    // SAFETY: `attr` is live for the call and the kernel reads at most its
+    // size; pointers inside it point at memory the caller keeps alive.
+    unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const T, size_of::<T>()) }
+}
 
-/// Pins at `path` a map as an earlier xlb pinned it: `RINGS` and
-/// `CONNTRACK` before they were mmapable (same type and sizes, no
-/// `BPF_F_MMAPABLE`), `COUNTERS` before its last counters were added.
-fn pin_as_an_earlier_xlb(path: &Path, map_type: u32, value_size: usize, entries: u32) {
-    const BPF_MAP_CREATE: libc::c_long = 0;
+/// Pins `fd` at `path` (`BPF_OBJ_PIN`).
+fn pin_fd(fd: &OwnedFd, path: &Path) {
     const BPF_OBJ_PIN: libc::c_long = 6;
-    #[repr(C)]
-    struct MapCreate {
-        map_type: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-        map_flags: u32,
-    }
     #[repr(C)]
     struct ObjPin {
         pathname: u64,
         bpf_fd: u32,
         file_flags: u32,
     }
-    fn bpf<T>(cmd: libc::c_long, attr: &T) -> libc::c_long {
-        // SAFETY: `attr` is a `#[repr(C)]` prefix of `union bpf_attr` for
-        // `cmd`, live for the call; the kernel reads at most its size.
-        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const T, size_of::<T>()) }
-    }
-    let fd = bpf(
-        BPF_MAP_CREATE,
-        &MapCreate {
-            map_type,
-            key_size: 4,
-            value_size: value_size as u32,
-            max_entries: entries,
-            map_flags: 0,
-        },
-    );
-    assert!(fd >= 0, "BPF_MAP_CREATE: {}", io::Error::last_os_error());
-    // SAFETY: the kernel returned a new descriptor, owned only here.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     let path = CString::new(path.as_os_str().as_bytes()).expect("pin path");
     let pinned = bpf(
         BPF_OBJ_PIN,
@@ -347,58 +321,369 @@ fn pin_as_an_earlier_xlb(path: &Path, map_type: u32, value_size: usize, entries:
     assert_eq!(pinned, 0, "BPF_OBJ_PIN: {}", io::Error::last_os_error());
 }
 
-#[test]
-fn a_rings_map_pinned_before_it_was_mmapable_is_kept_and_written_per_slot() {
-    if !privileged() {
-        return;
-    }
-    enter_private_netns();
-    let bpffs = BpfFs::mount("old-rings");
-    let dir = bpffs.pin_dir();
-    fs::create_dir_all(&dir).expect("creating the pin directory");
-    pin_as_an_earlier_xlb(
-        &dir.join(map_names::RINGS),
-        BPF_MAP_TYPE_ARRAY,
-        size_of::<u32>(),
-        LIMITS.ring_capacity,
-    );
+/// BPF map types (`enum bpf_map_type`).
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 
-    // Kept as it is: the programs attached by the older xlb read it.
-    let mut dp = Dataplane::load_pinned(LIMITS, &dir).expect("loading over the old RINGS");
-    assert_eq!(dp.reused_maps(), [map_names::RINGS]);
-    assert_eq!(dp.rings.writes(), RingWrites::PerSlotSyscall);
+/// Pins at `path` a map as an earlier xlb pinned `RINGS` (one `u32` per
+/// slot, mmapable or, older still, not), `CONNTRACK` (not mmapable) and
+/// `COUNTERS` (before its last counters were added): `map_flags` and the
+/// sizes say which.
+fn pin_old_map(path: &Path, map_type: u32, value_size: usize, entries: u32, map_flags: u32) {
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    let fd = bpf(
+        BPF_MAP_CREATE,
+        &MapCreate {
+            map_type,
+            key_size: 4,
+            value_size: value_size as u32,
+            max_entries: entries,
+            map_flags,
+        },
+    );
+    assert!(fd >= 0, "BPF_MAP_CREATE: {}", io::Error::last_os_error());
+    // SAFETY: the kernel returned a new descriptor, owned only here.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    pin_fd(&fd, path);
+}
+
+/// Attaches to `interface` (of the calling thread's namespace), through an
+/// XDP link pinned at `path`, a program that names the map pinned at `map`
+/// as an earlier xlb's balancer names its `RINGS`, and passes every packet.
+fn pin_link_of_a_program_reading(map: &Path, interface: &str, path: &Path) {
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_PROG_TYPE_XDP: u32 = 6;
+    const BPF_XDP: u32 = 37;
+    #[repr(C)]
+    struct Insn {
+        code: u8,
+        regs: u8,
+        off: i16,
+        imm: i32,
+    }
+    #[repr(C)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+    }
+    #[repr(C)]
+    struct LinkCreate {
+        prog_fd: u32,
+        target_ifindex: u32,
+        attach_type: u32,
+        flags: u32,
+    }
+    let map = bpffs::pinned(
+        map.parent().expect("a pin directory"),
+        &map.file_name().expect("a map name").to_string_lossy(),
+    );
+    let map_fd = map.fd().as_fd().as_raw_fd();
+    // r1 = the map (BPF_PSEUDO_MAP_FD); r0 = XDP_PASS; exit.
+    let insns = [
+        Insn {
+            code: 0x18,
+            regs: 0x11,
+            off: 0,
+            imm: map_fd,
+        },
+        Insn {
+            code: 0,
+            regs: 0,
+            off: 0,
+            imm: 0,
+        },
+        Insn {
+            code: 0xb7,
+            regs: 0,
+            off: 0,
+            imm: 2,
+        },
+        Insn {
+            code: 0x95,
+            regs: 0,
+            off: 0,
+            imm: 0,
+        },
+    ];
+    let mut prog_name = [0; 16];
+    prog_name[..12].copy_from_slice(b"xlb_balancer");
+    let prog = bpf(
+        BPF_PROG_LOAD,
+        &ProgLoad {
+            prog_type: BPF_PROG_TYPE_XDP,
+            insn_cnt: insns.len() as u32,
+            insns: insns.as_ptr() as u64,
+            license: c"GPL".as_ptr() as u64,
+            log_level: 0,
+            log_size: 0,
+            log_buf: 0,
+            kern_version: 0,
+            prog_flags: 0,
+            prog_name,
+            prog_ifindex: 0,
+            expected_attach_type: BPF_XDP,
+        },
+    );
+    assert!(prog >= 0, "BPF_PROG_LOAD: {}", io::Error::last_os_error());
+    // SAFETY: the kernel returned a new descriptor, owned only here.
+    let prog = unsafe { OwnedFd::from_raw_fd(prog as i32) };
+    let ifindex = xlb::dataplane::interface_index(interface).expect("the interface");
+    let link = bpf(
+        BPF_LINK_CREATE,
+        &LinkCreate {
+            prog_fd: prog.as_raw_fd() as u32,
+            target_ifindex: ifindex,
+            attach_type: BPF_XDP,
+            flags: 0,
+        },
+    );
+    assert!(link >= 0, "BPF_LINK_CREATE: {}", io::Error::last_os_error());
+    // SAFETY: as above.
+    let link = unsafe { OwnedFd::from_raw_fd(link as i32) };
+    pin_fd(&link, path);
+}
+
+/// The `u32` slots of an earlier xlb's `RINGS`, through the map syscalls.
+fn old_rings(dir: &Path) -> Array<MapData, u32> {
+    Array::try_from(Map::Array(bpffs::pinned(dir, map_names::RINGS))).expect("the old RINGS")
+}
+
+fn old_ring(rings: &Array<MapData, u32>, offset: u32, len: u32) -> Vec<u32> {
+    (offset..offset + len)
+        .map(|slot| rings.get(&slot, 0).expect("reading the old RINGS"))
+        .collect()
+}
+
+/// An upgrade from an xlb whose `RINGS` held one `u32` per slot (and was
+/// mmapable, or not, as `old_flags` says) loses nothing: the program that
+/// xlb attached keeps reading the old map until the new program replaces
+/// it in its link, the new program finds every ring in the new map before
+/// it can run, established flows keep their backends, and new flows keep
+/// going where the old rings sent them.
+fn upgrade_from_u32_slots(test: &str, old_flags: u32) {
+    let bpffs = BpfFs::mount(test);
+    let dir = bpffs.pin_dir();
+    let topo = Topology::new(test).expect("topology");
+    let node = topo.host("node").expect("host");
+    let peer = topo.host("peer").expect("host");
+    topo.link(&node, &peer, LinkOpts::new()).expect("veth");
+    let dev = "eth0";
+    let (offset, size) = (WEB_V4.ring_offset(), RING_SIZE);
+    let [established, ringed, ..] = WEB_V4.pool[..] else {
+        panic!("a pool of at least two")
+    };
+
+    // What the earlier xlb leaves: its maps (written here by this xlb, the
+    // other maps' layouts are the same), with a flow to `established` in
+    // the connection table; its RINGS of u32 slots, whose ring sends every
+    // new flow to `ringed`; and its program, attached through the pinned
+    // link, reading that RINGS.
+    let mut dp = Dataplane::load_pinned(LIMITS, &dir).expect("loading pinned");
     dp.settings
         .set(standard_settings())
         .expect("writing SETTINGS");
     program_vip(&mut dp, &WEB_V4);
-    let ring = ring_for(WEB_V4.pool, RING_SIZE);
-    assert_eq!(pinned_ring(&dir, WEB_V4.ring_offset(), RING_SIZE), ring);
-    assert_new_flows_go_to(&mut dp, &WEB_V4, WEB_V4.pool[0], 40_000);
-    let ring = dp
-        .rings
-        .read(WEB_V4.ring_offset(), RING_SIZE)
-        .expect("reading RINGS");
-
-    // A restart keeps it, and its rings.
+    assert_new_flows_go_to(&mut dp, &WEB_V4, established, 40_000);
     drop(dp);
-    let mut dp = Dataplane::load_pinned(LIMITS, &dir).expect("loading again");
-    assert_eq!(sorted(dp.reused_maps()), sorted(&MAPS));
-    assert_eq!(dp.rings.writes(), RingWrites::PerSlotSyscall);
-    assert_eq!(
-        dp.rings
-            .read(WEB_V4.ring_offset(), RING_SIZE)
-            .expect("reading RINGS"),
-        ring
+    let rings_pin = dir.join(map_names::RINGS);
+    fs::remove_file(&rings_pin).expect("unpinning RINGS");
+    pin_old_map(
+        &rings_pin,
+        BPF_MAP_TYPE_ARRAY,
+        size_of::<u32>(),
+        LIMITS.ring_capacity,
+        old_flags,
     );
-    assert_new_flows_go_to(&mut dp, &WEB_V4, WEB_V4.pool[1], 40_001);
+    let mut old = old_rings(&dir);
+    for slot in offset..offset + size {
+        old.set(slot, ringed, 0).expect("writing the old RINGS");
+    }
+    let old_id = MapInfo::from_pin(&rings_pin).expect("the old RINGS").id();
+    node.run_in(|| pin_link_of_a_program_reading(&rings_pin, dev, &link_pin_path(&dir, dev)))
+        .expect("entering the namespace");
 
-    // What the warning says to do: detach, start again, mapped.
-    dp.detach_all().expect("detach_all");
-    let dp = Dataplane::load_pinned(LIMITS, &dir).expect("loading afresh");
-    assert!(dp.reused_maps().is_empty());
-    assert_eq!(dp.conntrack.reads(), ConnReads::Mapped);
+    // Loading: the new RINGS holds the rings before any program reads it;
+    // the old one keeps its pin, since the program attached reads it.
+    let mut dp = node
+        .run_in(|| Dataplane::load_pinned(LIMITS, &dir))
+        .expect("entering the namespace")
+        .expect("loading over the old RINGS");
+    assert!(!dp.reused_maps().contains(&map_names::RINGS));
+    assert_eq!(
+        dp.rings.writes(),
+        RingWrites::AlsoToOld {
+            old_mapped: old_flags & BPF_F_MMAPABLE != 0
+        }
+    );
+    assert_eq!(
+        MapInfo::from_pin(&rings_pin).expect("RINGS").id(),
+        old_id,
+        "the old map keeps its pin while a program reads it"
+    );
+    assert_eq!(
+        dp.rings.read(offset, size).expect("reading RINGS"),
+        vec![ringed; size as usize],
+        "the old ring, copied"
+    );
+    let ack = Pkt::tcp_ack(CLIENT_V4, 40_000, WEB_V4.addr, WEB_V4.port).build();
+    let (action, out) = run(&dp, &ack);
+    assert_eq!(action, Action::Tx);
+    assert_frame_eq(
+        &out,
+        &encapsulated(
+            &ack,
+            backend(established).addr,
+            standard_egress(established),
+        ),
+        "the established flow keeps its backend",
+    );
+    let syn = Pkt::tcp_syn(CLIENT_V4, 40_001, WEB_V4.addr, WEB_V4.port);
+    assert_eq!(run(&dp, &syn.build()).0, Action::Tx);
+    assert_eq!(
+        tracked(&dp, &syn.flow()),
+        Some(ringed),
+        "a new flow goes where the old ring sends it"
+    );
+
+    // Until the program is replaced, ring writes reach both maps: whichever
+    // program a packet meets, it finds the same ring.
+    let ring = ring_for(WEB_V4.pool, size);
+    dp.rings.write(offset, &ring).expect("writing RINGS");
+    assert_eq!(old_ring(&old, offset, size), ring, "the old map");
+    assert_eq!(dp.rings.read(offset, size).expect("RINGS"), ring);
+
+    // Attaching replaces the program in the link; then no program reads
+    // the old map and the new one takes its pin.
+    node.run_in(|| dp.attach(Role::Balancer, dev, AttachMode::Native))
+        .expect("entering the namespace")
+        .expect("attaching");
     assert_eq!(dp.rings.writes(), RingWrites::Mapped);
+    let info = MapInfo::from_pin(&rings_pin).expect("RINGS");
+    assert_ne!(info.id(), old_id, "the new map is pinned");
+    assert_eq!(
+        (info.value_size(), info.max_entries()),
+        (64, ring_lines(LIMITS.ring_capacity)),
+        "lines of 32 slots"
+    );
+    assert_ne!(info.map_flags() & BPF_F_MMAPABLE, 0, "mmapable");
+    let mut pins = MAPS.to_vec();
+    let link_pin = format!("link_{dev}");
+    pins.push(&link_pin);
+    assert_eq!(entries(&dir), sorted(&pins), "nothing else left");
+    assert_eq!(pinned_ring(&dir, offset, size), ring);
+    let later = ring_for(&WEB_V4.pool[1..], size);
+    dp.rings.write(offset, &later).expect("writing RINGS");
+    assert_eq!(old_ring(&old, offset, size), ring, "the old map is left");
+    assert_eq!(pinned_ring(&dir, offset, size), later);
+    let (action, out) = run(&dp, &ack);
+    assert_eq!(action, Action::Tx);
+    assert_frame_eq(
+        &out,
+        &encapsulated(
+            &ack,
+            backend(established).addr,
+            standard_egress(established),
+        ),
+        "the established flow still keeps its backend",
+    );
+
+    // The next start reuses the new map as it is.
+    drop(dp);
+    let dp = Dataplane::load_pinned(LIMITS, &dir).expect("loading again");
+    assert!(dp.reused_maps().contains(&map_names::RINGS));
+    assert_eq!(dp.rings.writes(), RingWrites::Mapped);
+    assert_eq!(dp.rings.read(offset, size).expect("RINGS"), later);
+    node.run_in(|| dp.detach_all())
+        .expect("entering the namespace")
+        .expect("detach_all");
+    assert!(entries(&dir).is_empty(), "left: {:?}", entries(&dir));
+    drop(topo);
+}
+
+#[test]
+fn a_rings_map_of_u32_slots_is_upgraded_with_its_rings() {
+    if !privileged() {
+        return;
+    }
+    upgrade_from_u32_slots("upgrade-mmap", BPF_F_MMAPABLE);
+}
+
+#[test]
+fn a_rings_map_of_u32_slots_pinned_before_it_was_mmapable_is_upgraded_too() {
+    if !privileged() {
+        return;
+    }
+    upgrade_from_u32_slots("upgrade-old", 0);
+}
+
+#[test]
+fn an_old_rings_map_no_program_reads_is_replaced_at_load() {
+    if !privileged() {
+        return;
+    }
+    enter_private_netns();
+    let bpffs = BpfFs::mount("upgrade-unread");
+    let dir = bpffs.pin_dir();
+    fs::create_dir_all(&dir).expect("creating the pin directory");
+    let rings_pin = dir.join(map_names::RINGS);
+    pin_old_map(
+        &rings_pin,
+        BPF_MAP_TYPE_ARRAY,
+        size_of::<u32>(),
+        LIMITS.ring_capacity,
+        BPF_F_MMAPABLE,
+    );
+    let dp = Dataplane::load_pinned(LIMITS, &dir).expect("loading over the old RINGS");
+    assert_eq!(dp.rings.writes(), RingWrites::Mapped);
+    assert_eq!(
+        MapInfo::from_pin(&rings_pin).expect("RINGS").value_size(),
+        64
+    );
+    assert_eq!(entries(&dir), sorted(&MAPS));
     dp.detach_all().expect("detach_all");
+
+    // One of another capacity is refused, as any pinned map that does not
+    // fit, and left as it is.
+    pin_old_map(&rings_pin, BPF_MAP_TYPE_ARRAY, size_of::<u32>(), 1000, 0);
+    match Dataplane::load_pinned(LIMITS, &dir) {
+        Err(err @ DataplaneError::PinnedMapMismatch { name, .. }) => {
+            assert_eq!(name, map_names::RINGS);
+            let message = err.to_string();
+            for part in [
+                "has 1000 slots of 32 bits".to_owned(),
+                format!("(ring_capacity) asks for {}", LIMITS.ring_capacity),
+                "xlb detach".to_owned(),
+            ] {
+                assert!(message.contains(&part), "{message:?} lacks {part:?}");
+            }
+        }
+        Err(err) => panic!("{err}"),
+        Ok(_) => panic!("an old RINGS of another size must be refused"),
+    }
+    assert_eq!(
+        MapInfo::from_pin(&rings_pin).expect("RINGS").max_entries(),
+        1000
+    );
+    remove_pinned(&dir).expect("removing the pins");
 }
 
 #[test]
@@ -410,11 +695,12 @@ fn a_connection_table_pinned_before_it_was_mmapable_is_kept_with_its_flows() {
     let bpffs = BpfFs::mount("old-conntrack");
     let dir = bpffs.pin_dir();
     fs::create_dir_all(&dir).expect("creating the pin directory");
-    pin_as_an_earlier_xlb(
+    pin_old_map(
         &dir.join(map_names::CONNTRACK),
         BPF_MAP_TYPE_ARRAY,
         size_of::<FlowSet>(),
         conntrack_sets(LIMITS.conntrack_size),
+        0,
     );
 
     // Kept as it is (only slower): the programs attached by the older xlb
@@ -480,11 +766,12 @@ fn counters_pinned_before_the_last_counters_were_added_are_kept() {
     fs::create_dir_all(&dir).expect("creating the pin directory");
     let newest = Counter::IcmpTooBig;
     assert_eq!(newest, *Counter::ALL.last().unwrap());
-    pin_as_an_earlier_xlb(
+    pin_old_map(
         &dir.join(map_names::COUNTERS),
         BPF_MAP_TYPE_PERCPU_ARRAY,
         size_of::<u64>(),
         newest as u32,
+        0,
     );
 
     // Kept: the running program counts in it, and the counts are what
@@ -544,8 +831,15 @@ fn a_pinned_map_that_does_not_fit_is_refused_with_what_to_do() {
     let message = err.to_string();
     for part in [
         "pinned map RINGS",
-        &format!("has {} entries", LIMITS.ring_capacity),
-        &format!("(ring_capacity) asks for {}", bigger.ring_capacity),
+        &format!(
+            "has {} entries ({} slots)",
+            ring_lines(LIMITS.ring_capacity),
+            ring_lines(LIMITS.ring_capacity) * 32
+        ),
+        &format!(
+            "(ring_capacity) asks for {} entries",
+            ring_lines(bigger.ring_capacity)
+        ),
         "xlb detach",
     ] {
         assert!(message.contains(part), "{message:?} lacks {part:?}");

@@ -1,8 +1,9 @@
-//! The ring storage as the kernel reads it. The ring table stores slots
-//! into shared mappings of `RINGS`, made piece by piece (16 MiB, 2^21
-//! slots, each) as slots are first used: wherever a ring lies, across a
-//! piece's edge or at the very end of the storage, map lookups return what
-//! was written, and so does the ring table of the next process.
+//! The ring storage as the kernel reads it. The ring table stores 16-bit
+//! slots, 32 to a line, into shared mappings of `RINGS`, made piece by piece
+//! (16 MiB, 2^18 lines or 2^23 slots, each) as slots are first used:
+//! wherever a ring lies, across a piece's edge or at the very end of the
+//! storage, map lookups return what was written, and so does the ring table
+//! of the next process.
 
 use lb_common::map_names;
 use xlb::dataplane::{Dataplane, Limits, RingWrites};
@@ -11,8 +12,8 @@ use xlb_tests::{
     privileged,
 };
 
-/// Slots in one mapped piece (`CHUNK_SLOTS` in the ring table).
-const PIECE: u32 = 1 << 21;
+/// Slots in one mapped piece (`CHUNK_BYTES` in the ring table).
+const PIECE: u32 = 1 << 23;
 const LIMITS: Limits = Limits {
     max_vips: 8,
     max_backends: 64,
@@ -55,8 +56,11 @@ fn every_slot_written_anywhere_in_the_storage_is_what_the_kernel_reads() {
             "at {offset}"
         );
     }
-    // One past the end is refused, not written anywhere.
+    // One past the end is refused, not written anywhere; so is a backend
+    // id that does not fit a slot's 16 bits.
     assert!(dp.rings.write(end - 1, &[1, 2]).is_err());
+    assert!(dp.rings.write(0, &[1, 1 << 16]).is_err());
+    assert_eq!(pinned_ring(&dir, 0, 2), ring(2, 0), "nothing written");
 
     // A slot-by-slot update across a piece's edge.
     let (offset, len) = places[1];

@@ -2,7 +2,7 @@
 //! object, so no other code can write them, and checks what it writes
 //! against the limits the maps were created with.
 
-use std::{collections::BTreeMap, net::IpAddr, ops::Range, os::fd::AsFd as _};
+use std::{collections::BTreeMap, net::IpAddr, ops::Range, os::fd::AsFd as _, path::Path};
 
 use aya::{
     Ebpf,
@@ -10,14 +10,14 @@ use aya::{
 };
 use lb_common::{
     AddrKey, Backend, ConnSlot, Counter, FAMILY_V4, FAMILY_V6, FLOW_WAYS, FlowKey, FlowSet,
-    NextHop, PROTO_TCP, PROTO_UDP, Settings, Traffic, VipFilter, VipInfo, VipKey, addr_from_ip,
-    conntrack_sets, map_names,
+    MAX_IDS, NextHop, PROTO_TCP, PROTO_UDP, RingLine, Settings, Traffic, VipFilter, VipInfo,
+    VipKey, addr_from_ip, conntrack_sets, map_names, ring_lines,
 };
 
 use super::{
     DataplaneError, Limits,
     mapped_sets::MappedSets,
-    slots::{BPF_F_MMAPABLE, SharedSlots},
+    slots::{BPF_F_MMAPABLE, LineSlots, WordSlots},
 };
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
@@ -309,24 +309,47 @@ fn addr_key(key: &VipKey) -> AddrKey {
     }
 }
 
-/// The flat ring storage all VIPs' rings live in.
+/// The flat ring storage all VIPs' rings live in, counted in slots: `RINGS`
+/// holds 32 slots per element (see [`RingLine`]).
 ///
 /// Slots are written through a shared mapping of `RINGS` (see
-/// [`SharedSlots`]): one 4-byte store each, so a change costs memory-copy
-/// time, not a syscall per slot. Each store is atomic, so a packet reads a
-/// slot's old backend or its new one, as with one map update per slot.
-/// Stores are ordered after everything written before them (backends), and
-/// the VIP write that follows a ring (a syscall) is ordered after them.
+/// [`LineSlots`]): one aligned 2-byte store each, so a change costs
+/// memory-copy time, not a syscall per slot. Each store is atomic, so a
+/// packet reads a slot's old backend or its new one, as with one map update
+/// per slot. Stores are ordered after everything written before them
+/// (backends), and the VIP write that follows a ring (a syscall) is ordered
+/// after them.
 ///
-/// A `RINGS` pinned by an xlb from before it was mmapable cannot be mapped:
-/// it is written one `bpf_map_update_elem` per slot, as before, and a
-/// warning says so. It is kept rather than replaced, because the programs
-/// already attached read that very map; `xlb detach` and a new start give
-/// the mapped one.
+/// # Upgrade from `u32` slots
+///
+/// An xlb from before the rings were packed pinned a `RINGS` of one `u32`
+/// per element (mmapable or, older still, not). Its programs, still
+/// attached through their pinned links, read that map until they are
+/// replaced. So [`Dataplane::load_pinned`] leaves it pinned, creates the
+/// new map unpinned, and this table copies every programmed VIP's ring into
+/// it ([`RingTable::copy_old`]) before the new program can run; until the
+/// links run the new program, every write goes to both maps (the old one by
+/// stores if it is mmapable, else one syscall per slot), so either program
+/// finds every ring it may be sent to. Once no pinned link's program reads
+/// the old map, [`RingTable::finish_upgrade`] pins the new map in its place.
+///
+/// [`Dataplane::load_pinned`]: super::Dataplane::load_pinned
 pub struct RingTable {
-    rings: Array<MapData, u32>,
-    shared: Option<SharedSlots>,
+    lines: Array<MapData, RingLine>,
+    shared: LineSlots,
+    old: Option<OldRings>,
     capacity: u32,
+}
+
+/// Where [`RingTable::finish_upgrade`] pins the new `RINGS` before renaming
+/// it over the old one.
+pub(super) const RINGS_STAGED: &str = "RINGS_upgrading";
+
+/// The `RINGS` of `u32` slots an earlier xlb pinned, during an upgrade.
+struct OldRings {
+    slots: Array<MapData, u32>,
+    shared: Option<WordSlots>,
+    id: u32,
 }
 
 /// How [`RingTable`] writes slots.
@@ -334,58 +357,62 @@ pub struct RingTable {
 pub enum RingWrites {
     /// Stores into a shared mapping of the map.
     Mapped,
-    /// One map-update syscall per slot: a pinned map that is not mmapable.
-    PerSlotSyscall,
+    /// Upgrading: also into the `RINGS` of `u32` slots an earlier xlb
+    /// pinned, by stores (it is mmapable) or one syscall per slot (it is
+    /// not).
+    AlsoToOld { old_mapped: bool },
 }
 
 impl RingTable {
-    pub(super) fn new(ebpf: &mut Ebpf, limits: Limits) -> Result<Self, DataplaneError> {
+    /// Takes `RINGS` from the object; `old`, the map an earlier xlb pinned
+    /// with `u32` slots, when upgrading from one.
+    pub(super) fn new(
+        ebpf: &mut Ebpf,
+        limits: Limits,
+        old: Option<MapData>,
+    ) -> Result<Self, DataplaneError> {
         let name = map_names::RINGS;
-        let map = ebpf
-            .take_map(name)
-            .ok_or(DataplaneError::Missing { kind: "map", name })?;
-        let shared = match &map {
-            aya::maps::Map::Array(data) => Self::share(data, limits.ring_capacity)?,
-            // Not an array: the conversion below says so.
-            _ => None,
-        };
+        let lines: Array<MapData, RingLine> = take(ebpf, name)?;
+        let data = IterableMap::map(&lines);
+        if !mmapable(data, name)? {
+            // Every xlb that packs rings creates them mmapable.
+            return Err(DataplaneError::MapMmap {
+                name,
+                source: std::io::Error::other("the map is not BPF_F_MMAPABLE"),
+            });
+        }
+        let fd = data.fd().as_fd().try_clone_to_owned().map_err(mmap_error)?;
+        let shared = LineSlots::new(fd, ring_lines(limits.ring_capacity));
+        let old = old.map(OldRings::new).transpose()?;
         Ok(Self {
-            rings: Array::try_from(map).map_err(DataplaneError::map(name))?,
+            lines,
             shared,
+            old,
             capacity: limits.ring_capacity,
         })
     }
 
-    /// Maps the map's slots, or `None` (with a warning) if it is not
-    /// mmapable.
-    fn share(data: &MapData, len: u32) -> Result<Option<SharedSlots>, DataplaneError> {
-        let name = map_names::RINGS;
-        if !mmapable(data, name)? {
-            log::warn!(
-                "{name} was pinned by an earlier xlb without BPF_F_MMAPABLE: ring changes are \
-                 written one syscall per slot (slower); `xlb detach` and a restart make it \
-                 mmapable (this empties the connection table)"
-            );
-            return Ok(None);
-        }
-        let fd = data.fd().as_fd().try_clone_to_owned().map_err(mmap_error)?;
-        Ok(Some(SharedSlots::new(fd, len)))
-    }
-
+    /// Slots of ring storage.
     pub fn capacity(&self) -> u32 {
         self.capacity
     }
 
     pub fn writes(&self) -> RingWrites {
-        match self.shared {
-            Some(_) => RingWrites::Mapped,
-            None => RingWrites::PerSlotSyscall,
+        match &self.old {
+            None => RingWrites::Mapped,
+            Some(old) => RingWrites::AlsoToOld {
+                old_mapped: old.shared.is_some(),
+            },
         }
     }
 
-    /// Writes a whole ring at `offset`.
+    /// Writes a whole ring at `offset`; nothing if a slot's backend id
+    /// does not fit 16 bits.
     pub fn write(&mut self, offset: u32, slots: &[u32]) -> Result<(), DataplaneError> {
         self.check(offset, slots.len())?;
+        if let Some(&id) = slots.iter().max() {
+            check_backend_id(id)?;
+        }
         for (index, backend_id) in (offset..).zip(slots) {
             self.set(index, *backend_id)?;
         }
@@ -393,7 +420,9 @@ impl RingTable {
     }
 
     /// Rewrites a ring from `old` to `new` (same length), writing only the
-    /// slots that differ. Returns how many were written.
+    /// slots that differ. Returns how many were written. A backend id that
+    /// does not fit 16 bits stops it there, with an error (the slots before
+    /// it are written).
     pub fn update(
         &mut self,
         offset: u32,
@@ -408,6 +437,7 @@ impl RingTable {
         let mut written = 0;
         for ((index, before), after) in (offset..).zip(old).zip(new) {
             if before != after {
+                check_backend_id(*after)?;
                 self.set(index, *after)?;
                 written += 1;
             }
@@ -419,14 +449,56 @@ impl RingTable {
     pub fn read(&self, offset: u32, len: u32) -> Result<Vec<u32>, DataplaneError> {
         self.check(offset, len as usize)?;
         (offset..offset + len)
-            .map(|index| match &self.shared {
-                Some(shared) => shared.get(index).map_err(mmap_error),
-                None => self
-                    .rings
-                    .get(&index, 0)
-                    .map_err(DataplaneError::map(map_names::RINGS)),
-            })
+            .map(|index| self.shared.get(index).map(u32::from).map_err(mmap_error))
             .collect()
+    }
+
+    /// Upgrading: copies `len` slots at `offset` from the old map into the
+    /// new one (a VIP's ring, where the old program finds it).
+    pub(super) fn copy_old(&mut self, offset: u32, len: u32) -> Result<(), DataplaneError> {
+        let Some(old) = &self.old else {
+            return Ok(());
+        };
+        self.check(offset, len as usize)?;
+        for index in offset..offset + len {
+            let backend_id = old.get(index)?;
+            check_backend_id(backend_id)?;
+            self.shared
+                .set(index, backend_id as u16)
+                .map_err(mmap_error)?;
+        }
+        Ok(())
+    }
+
+    /// Upgrading: the kernel's id of the old map, which the programs an
+    /// earlier xlb attached name.
+    pub(super) fn old_id(&self) -> Option<u32> {
+        self.old.as_ref().map(|old| old.id)
+    }
+
+    /// Ends an upgrade once no program reads the old map: pins the new map
+    /// at `path`, in the old one's place (a rename over it, so the path
+    /// never lacks a map), and stops writing the old one.
+    pub(super) fn finish_upgrade(&mut self, path: &Path) -> Result<(), DataplaneError> {
+        let name = map_names::RINGS;
+        let staged = path.with_file_name(RINGS_STAGED);
+        // Left by a process stopped between the two steps below.
+        super::remove_pin(&staged)?;
+        IterableMap::map(&self.lines)
+            .pin(&staged)
+            .map_err(|error| {
+                DataplaneError::map(name)(aya::maps::MapError::PinError {
+                    name: Some(name.to_owned()),
+                    error,
+                })
+            })?;
+        std::fs::rename(&staged, path).map_err(|source| DataplaneError::PinDir {
+            dir: path.to_owned(),
+            source,
+        })?;
+        self.old = None;
+        log::info!("{name}: upgraded to 16-bit slots; the old map is unpinned");
+        Ok(())
     }
 
     fn check(&self, offset: u32, len: usize) -> Result<(), DataplaneError> {
@@ -438,14 +510,68 @@ impl RingTable {
     }
 
     fn set(&mut self, index: u32, backend_id: u32) -> Result<(), DataplaneError> {
+        // The old map first: a packet the new program sends to a slot finds
+        // what the old one would, whichever runs.
+        if let Some(old) = &mut self.old {
+            old.set(index, backend_id)?;
+        }
+        self.shared
+            .set(index, backend_id as u16)
+            .map_err(mmap_error)
+    }
+}
+
+impl OldRings {
+    fn new(data: MapData) -> Result<Self, DataplaneError> {
+        let name = map_names::RINGS;
+        let info = data.info().map_err(DataplaneError::map(name))?;
+        let shared = if info.map_flags() & BPF_F_MMAPABLE != 0 {
+            let fd = data.fd().as_fd().try_clone_to_owned().map_err(mmap_error)?;
+            Some(WordSlots::new(fd, info.max_entries()))
+        } else {
+            None
+        };
+        log::info!(
+            "{name} was pinned by an earlier xlb with 32-bit slots{}: upgrading to 16-bit slots \
+             (its rings are copied; it stays in use until the programs read the new map)",
+            if shared.is_some() {
+                ""
+            } else {
+                ", not mmapable"
+            }
+        );
+        Ok(Self {
+            slots: Array::try_from(aya::maps::Map::Array(data))
+                .map_err(DataplaneError::map(name))?,
+            shared,
+            id: info.id(),
+        })
+    }
+
+    fn get(&self, index: u32) -> Result<u32, DataplaneError> {
+        match &self.shared {
+            Some(shared) => shared.get(index).map_err(mmap_error),
+            None => self
+                .slots
+                .get(&index, 0)
+                .map_err(DataplaneError::map(map_names::RINGS)),
+        }
+    }
+
+    fn set(&mut self, index: u32, backend_id: u32) -> Result<(), DataplaneError> {
         match &self.shared {
             Some(shared) => shared.set(index, backend_id).map_err(mmap_error),
             None => self
-                .rings
+                .slots
                 .set(index, backend_id, 0)
                 .map_err(DataplaneError::map(map_names::RINGS)),
         }
     }
+}
+
+/// A ring slot holds 16 bits.
+fn check_backend_id(id: u32) -> Result<(), DataplaneError> {
+    check_range("ring backend id", id.into(), u64::from(MAX_IDS) - 1)
 }
 
 fn mmap_error(source: std::io::Error) -> DataplaneError {

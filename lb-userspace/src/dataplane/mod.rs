@@ -18,10 +18,13 @@
 //! entries match this build and these [`Limits`]: a mismatch is an error that
 //! says which map and to run `xlb detach`), loads the new programs against
 //! them, and rebuilds the controller's mirrors from them (see
-//! [`VipTable`]; a `RINGS` pinned before it was mmapable is kept and
-//! written per slot, see [`RingTable`]; a `CONNTRACK` pinned before it was
-//! mmapable is kept, slower; a `COUNTERS` pinned before some counters were
-//! added is kept, and those read 0, see [`CounterReader`]).
+//! [`VipTable`]; a `CONNTRACK` pinned before it was mmapable is kept,
+//! slower; a `COUNTERS` pinned before some counters were added is kept, and
+//! those read 0, see [`CounterReader`]). One exception to "as it is": a
+//! `RINGS` of `u32` slots, pinned by an xlb from before the rings were
+//! packed, is upgraded without loss (see [`RingTable`]): its rings are
+//! copied into a new map before the new program can read it, and the new
+//! map takes the pin once the pinned links run the new program.
 //! [`Dataplane::attach`] to an
 //! interface that has a pinned link then swaps the program inside that
 //! link (`BPF_LINK_UPDATE`): the kernel replaces it atomically, so no
@@ -56,7 +59,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapInfo, MapType},
+    maps::{MapData, MapInfo, MapType},
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -66,8 +69,9 @@ use aya::{
 };
 use lb_common::{
     AddrKey, Backend, Counter, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
-    DEFAULT_RING_CAPACITY, FlowSet, MAX_DECAP_ADDRS, MAX_IDS, MAX_TX_PORTS, NextHop, Settings,
-    Traffic, VipFilter, VipInfo, VipKey, map_names, program_names,
+    DEFAULT_RING_CAPACITY, FlowSet, MAX_DECAP_ADDRS, MAX_IDS, MAX_TX_PORTS, NextHop,
+    RING_LINE_SLOTS, RingLine, Settings, Traffic, VipFilter, VipInfo, VipKey, map_names,
+    program_names, ring_lines,
 };
 
 pub use self::maps::{
@@ -372,9 +376,11 @@ impl Dataplane {
     /// is first checked against this build and `limits` (map type, key and
     /// value sizes, entries); a mismatch is a
     /// [`DataplaneError::PinnedMapMismatch`] naming the map, e.g. "pinned map
-    /// RINGS (<pin_dir>/RINGS) has 1048576 entries, the configuration
-    /// (ring_capacity) asks for 2097152 entries: run `xlb detach` ...". The
-    /// one userspace mirror, the
+    /// CONNTRACK (<pin_dir>/CONNTRACK) has 524288 entries (2097152 flows),
+    /// the configuration (conntrack_size) asks for 262144 entries (1048576
+    /// flows): run `xlb detach` ...". A `RINGS` of an earlier xlb's `u32`
+    /// slots is upgraded instead (see [`RingTable`]). The one userspace
+    /// mirror, the
     /// [`VipTable`]'s, is then rebuilt from the maps: see
     /// [`VipTable::restore`] for exactly what is read back.
     ///
@@ -422,14 +428,22 @@ impl Dataplane {
         let geometry = ConnGeometry::for_flows(limits.conntrack_size);
         let specs = map_specs(&limits, geometry);
         let mut reused_maps = Vec::new();
+        let mut old_rings = None;
         if let Some(dir) = pin_dir {
             prepare_pin_dir(dir)?;
             for spec in &specs {
                 let path = dir.join(spec.name);
-                if path.exists() {
-                    spec.check(&path, true)?;
-                    reused_maps.push(spec.name);
+                if !path.exists() {
+                    continue;
                 }
+                if spec.name == map_names::RINGS && old_rings_layout(&path, &limits)? {
+                    old_rings = Some(
+                        MapData::from_pin(&path).map_err(DataplaneError::map(map_names::RINGS))?,
+                    );
+                    continue;
+                }
+                spec.check(&path, true)?;
+                reused_maps.push(spec.name);
             }
         }
         let log_level = log as u8;
@@ -441,7 +455,10 @@ impl Dataplane {
             if spec.limit.is_some() {
                 loader.map_max_entries(spec.name, spec.entries);
             }
-            if let Some(dir) = pin_dir {
+            // An old RINGS keeps its pin until the upgrade is over: the new
+            // map is created unpinned.
+            let upgrading = spec.name == map_names::RINGS && old_rings.is_some();
+            if let Some(dir) = pin_dir.filter(|_| !upgrading) {
                 loader.map_pin_path(spec.name, dir.join(spec.name));
             }
         }
@@ -458,10 +475,11 @@ impl Dataplane {
         if let Some(dir) = pin_dir {
             // Maps created just now must match too: this checks the table
             // in `map_specs` against the object.
-            for spec in specs
-                .iter()
-                .filter(|spec| !reused_maps.contains(&spec.name))
-            {
+            for spec in specs.iter().filter(|spec| {
+                // The new RINGS of an upgrade is not pinned yet.
+                let unpinned = spec.name == map_names::RINGS && old_rings.is_some();
+                !(reused_maps.contains(&spec.name) || unpinned)
+            }) {
                 spec.check(&dir.join(spec.name), false)?;
             }
             if reused_maps.is_empty() {
@@ -485,7 +503,7 @@ impl Dataplane {
         egress::load(&mut ebpf)?;
         let mut dataplane = Self {
             vips: VipTable::new(&mut ebpf, limits)?,
-            rings: RingTable::new(&mut ebpf, limits)?,
+            rings: RingTable::new(&mut ebpf, limits, old_rings)?,
             backends: BackendTable::new(&mut ebpf)?,
             nexthops: NextHopTable::new(&mut ebpf)?,
             settings: SettingsTable::new(&mut ebpf, geometry)?,
@@ -504,7 +522,67 @@ impl Dataplane {
             let newest = dataplane.conntrack.newest_generation()?;
             dataplane.vips.restore(newest)?;
         }
+        // Upgrading RINGS: every ring the old program may send a packet to
+        // is in the new map before the new program can run.
+        let places: Vec<(u32, u32)> = dataplane
+            .vips
+            .iter()
+            .map(|(_, info)| (info.ring_offset, info.ring_size))
+            .collect();
+        for (offset, size) in places {
+            dataplane.rings.copy_old(offset, size)?;
+        }
+        dataplane.finish_ring_upgrade();
         Ok(dataplane)
+    }
+
+    /// Ends an upgrade of `RINGS` (see [`RingTable`]) once no program of a
+    /// link pinned in the pin directory reads the old map: at load when no
+    /// link does, else after the attach that replaced the last one's
+    /// program (or the detach that took it off). Nothing to do otherwise.
+    ///
+    /// A failure is only a warning: both maps keep being written, so either
+    /// program finds every ring, and the next start tries again.
+    fn finish_ring_upgrade(&mut self) {
+        if let Err(err) = self.try_finish_ring_upgrade() {
+            log::warn!(
+                "{}: the upgrade to 16-bit slots stays unfinished ({err}); ring writes keep \
+                 going to both maps",
+                map_names::RINGS
+            );
+        }
+    }
+
+    fn try_finish_ring_upgrade(&mut self) -> Result<(), DataplaneError> {
+        let (Some(old_id), Some(dir)) = (self.rings.old_id(), self.pin_dir.clone()) else {
+            return Ok(());
+        };
+        let mut waiting = Vec::new();
+        for link in pinned_links(&dir)? {
+            let program = loaded_programs()
+                .filter_map(Result::ok)
+                .find(|program| program.id() == link.program_id);
+            let reads_old = match program.map(|program| program.map_ids()) {
+                Some(Ok(Some(ids))) => ids.contains(&old_id),
+                // Unknown: assume it does.
+                Some(_) => true,
+                None => false,
+            };
+            if reads_old {
+                waiting.push(link.interface);
+            }
+        }
+        if waiting.is_empty() {
+            self.rings.finish_upgrade(&dir.join(map_names::RINGS))
+        } else {
+            log::info!(
+                "{}: still read by the earlier program on {}; ring writes go to both maps until \
+                 it is replaced",
+                map_names::RINGS,
+                waiting.join(", ")
+            );
+            Ok(())
+        }
     }
 
     /// Where maps and links are pinned; `None` for [`Dataplane::load`].
@@ -555,6 +633,7 @@ impl Dataplane {
         if role == Role::Balancer {
             self.attach_egress(interface)?;
         }
+        self.finish_ring_upgrade();
         Ok(got)
     }
 
@@ -763,7 +842,9 @@ impl Dataplane {
                     .ok_or_else(not_attached)?;
                 detach_pinned_link(&path)
             }
-        }
+        }?;
+        self.finish_ring_upgrade();
+        Ok(())
     }
 
     /// Takes every program this data plane attached off its interface and,
@@ -888,16 +969,18 @@ impl MapSpec {
             }
         }
         if info.max_entries() != self.entries && !(reused && self.any_size) {
-            // The connection table's entries are sets of flows.
-            let entries = |sets: u32| {
-                if self.name == map_names::CONNTRACK {
-                    format!(
-                        "{sets} entries ({} flows)",
-                        ConnGeometry { sets }.capacity()
-                    )
-                } else {
-                    format!("{sets} entries")
-                }
+            // The connection table's entries are sets of flows, the
+            // rings' lines of slots.
+            let entries = |entries: u32| match self.name {
+                map_names::CONNTRACK => format!(
+                    "{entries} entries ({} flows)",
+                    ConnGeometry { sets: entries }.capacity()
+                ),
+                map_names::RINGS => format!(
+                    "{entries} entries ({} slots)",
+                    u64::from(entries) * u64::from(RING_LINE_SLOTS)
+                ),
+                _ => format!("{entries} entries"),
             };
             let (pinned, wanted) = (entries(info.max_entries()), entries(self.entries));
             return Err(mismatch(match self.limit {
@@ -939,10 +1022,10 @@ fn map_specs(limits: &Limits, geometry: ConnGeometry) -> [MapSpec; 14] {
         spec::<AddrKey, u32>(map_names::VIP_ADDRS, Hash, limits.max_vips, vips),
         spec::<u32, u32>(map_names::VIP_LIVE, Array, limits.max_vips, vips),
         spec::<u32, VipFilter>(map_names::VIP_FILTER, Array, 1, None),
-        spec::<u32, u32>(
+        spec::<u32, RingLine>(
             map_names::RINGS,
             Array,
-            limits.ring_capacity,
+            ring_lines(limits.ring_capacity),
             Some("ring_capacity"),
         ),
         spec::<u32, Backend>(map_names::BACKENDS, Array, limits.max_backends, backends),
@@ -965,6 +1048,33 @@ fn map_specs(limits: &Limits, geometry: ConnGeometry) -> [MapSpec; 14] {
         ),
         spec::<AddrKey, u32>(map_names::DECAP_ADDRS, Hash, MAX_DECAP_ADDRS, None),
     ]
+}
+
+/// Whether the `RINGS` pinned at `path` is one of `u32` slots, as an xlb
+/// from before the rings were packed made it: then it is upgraded rather
+/// than refused. One of another capacity is refused, as any map that does
+/// not fit.
+fn old_rings_layout(path: &Path, limits: &Limits) -> Result<bool, DataplaneError> {
+    let Ok(info) = MapInfo::from_pin(path) else {
+        // `MapSpec::check` says what is wrong with it.
+        return Ok(false);
+    };
+    let old = matches!(info.map_type(), Ok(MapType::Array))
+        && info.key_size() as usize == size_of::<u32>()
+        && info.value_size() as usize == size_of::<u32>();
+    if old && info.max_entries() != limits.ring_capacity {
+        return Err(DataplaneError::PinnedMapMismatch {
+            name: map_names::RINGS,
+            path: path.to_owned(),
+            detail: format!(
+                "has {} slots of 32 bits (an earlier xlb's layout), the configuration \
+                 (ring_capacity) asks for {}",
+                info.max_entries(),
+                limits.ring_capacity
+            ),
+        });
+    }
+    Ok(old)
 }
 
 /// Every map name of the object: the pins [`remove_pinned`] deletes.
@@ -1098,6 +1208,8 @@ pub fn remove_pinned(pin_dir: &Path) -> Result<Unpinned, DataplaneError> {
             unpinned.maps.push(name);
         }
     }
+    // Left by an upgrade of RINGS that stopped half way.
+    remove_pin(&pin_dir.join(maps::RINGS_STAGED))?;
     Ok(unpinned)
 }
 
