@@ -303,8 +303,7 @@ fn shares_follow_the_weights_and_a_weight_change_at_run_time() {
     }
     let site = build("e2e-share", 3);
     let n = 300;
-    let round = site.connect(n).expect("connecting");
-    assert_round_ok(&site, &round, "equal weights", &[]);
+    let round = connect_through_steady_rings(&site, n, "equal weights");
     let clusters = round.by_cluster();
     for cluster in CLUSTERS {
         let count = clusters.get(cluster).copied().unwrap_or(0);
@@ -332,8 +331,7 @@ fn shares_follow_the_weights_and_a_weight_change_at_run_time() {
     {
         assert!(matches!(response, Response::Changed { .. }), "{response:?}");
     }
-    let round = site.connect(n).expect("connecting");
-    assert_round_ok(&site, &round, "west weighs 3", &[]);
+    let round = connect_through_steady_rings(&site, n, "west weighs 3");
     let clusters = round.by_cluster();
     assert_share(
         clusters.get("east").copied().unwrap_or(0),
@@ -348,6 +346,38 @@ fn shares_follow_the_weights_and_a_weight_change_at_run_time() {
         "west, weights 1:3",
     );
     close(site);
+}
+
+/// When each backend's probe last changed state, as every node saw it.
+fn probe_transitions(site: &Site) -> Vec<Option<f64>> {
+    (0..site.nodes().len())
+        .flat_map(|node| {
+            let status = site.nodes()[node].status().expect("status");
+            status
+                .vips
+                .into_iter()
+                .flat_map(|vip| vip.backends)
+                .map(|b| b.probe.and_then(|probe| probe.last_transition_unix))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// `n` connections through rings that no probe changed meanwhile: the
+/// shares they show are the rings'. Under a loaded CI machine a probe can
+/// time out and briefly take a backend out, which shifts its share to the
+/// others; such a round is measured again (at most three times).
+fn connect_through_steady_rings(site: &Site, n: usize, label: &str) -> Round {
+    for _ in 0..3 {
+        let before = probe_transitions(site);
+        let round = site.connect(n).expect("connecting");
+        assert_round_ok(site, &round, label, &[]);
+        if probe_transitions(site) == before {
+            return round;
+        }
+        eprintln!("{label}: a probe changed state during the round; measuring again");
+    }
+    panic!("{label}: probes changed state during three rounds in a row");
 }
 
 /// How every node's daemon sees a backend in every VIP: its views (one per
@@ -463,8 +493,7 @@ fn probes_take_a_stopped_backend_out_and_bring_it_back() {
     assert_noticed_by_both_nodes(&detection);
     assert_back_in_service(&site, &victim);
     let n = 120;
-    let third = site.connect(n).expect("connecting");
-    assert_round_ok(&site, &third, "after the recovery", &[]);
+    let third = connect_through_steady_rings(&site, n, "after the recovery");
     let count = third.by_backend().get(&victim).copied().unwrap_or(0);
     assert_share(count, n, 0.25, &format!("{victim}, back among four"));
     close(site);
@@ -502,8 +531,7 @@ fn probes_move_traffic_off_a_failed_cluster_and_back() {
         assert_back_in_service(&site, name);
     }
     let n = 80;
-    let round = site.connect(n).expect("connecting");
-    assert_round_ok(&site, &round, "west back", &[]);
+    let round = connect_through_steady_rings(&site, n, "west back");
     let west = round.by_cluster().get("west").copied().unwrap_or(0);
     assert_share(west, n, 0.5, "west, back at weights 1:1");
     close(site);
