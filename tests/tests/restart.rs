@@ -16,7 +16,7 @@ use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::os::unix::ffi::OsStrExt as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -290,6 +290,28 @@ fn assert_new_flows_go_to(dp: &mut Dataplane, vip: &VipDef, id: u32, client_port
     assert_eq!(tracked(dp, &syn.flow()), Some(id), "the new flow's backend");
 }
 
+/// Loads the data plane over the pins in `dir` and programs the standard
+/// settings and [`WEB_V4`].
+fn load_with_web_v4(dir: &Path) -> Dataplane {
+    let mut dp = Dataplane::load_pinned(LIMITS, dir).expect("loading over the pins");
+    dp.settings
+        .set(standard_settings())
+        .expect("writing SETTINGS");
+    program_vip(&mut dp, &WEB_V4);
+    dp
+}
+
+/// A private network namespace and a pin directory `tag` on a bpffs of its
+/// own, where `pin` leaves what an earlier xlb left.
+fn pins_of_an_earlier_xlb(tag: &str, pin: impl FnOnce(&Path)) -> (BpfFs, PathBuf) {
+    enter_private_netns();
+    let bpffs = BpfFs::mount(tag);
+    let dir = bpffs.pin_dir();
+    fs::create_dir_all(&dir).expect("creating the pin directory");
+    pin(&dir);
+    (bpffs, dir)
+}
+
 /// `BPF_F_MMAPABLE` (`include/uapi/linux/bpf.h`).
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
@@ -497,11 +519,7 @@ fn upgrade_from_u32_slots(test: &str, old_flags: u32) {
     // the connection table; its RINGS of u32 slots, whose ring sends every
     // new flow to `ringed`; and its program, attached through the pinned
     // link, reading that RINGS.
-    let mut dp = Dataplane::load_pinned(LIMITS, &dir).expect("loading pinned");
-    dp.settings
-        .set(standard_settings())
-        .expect("writing SETTINGS");
-    program_vip(&mut dp, &WEB_V4);
+    let mut dp = load_with_web_v4(&dir);
     assert_new_flows_go_to(&mut dp, &WEB_V4, established, 40_000);
     drop(dp);
     let rings_pin = dir.join(map_names::RINGS);
@@ -640,18 +658,17 @@ fn an_old_rings_map_no_program_reads_is_replaced_at_load() {
     if !privileged() {
         return;
     }
-    enter_private_netns();
-    let bpffs = BpfFs::mount("upgrade-unread");
-    let dir = bpffs.pin_dir();
-    fs::create_dir_all(&dir).expect("creating the pin directory");
+    let (_bpffs, dir) = pins_of_an_earlier_xlb("upgrade-unread", |dir| {
+        let rings = dir.join(map_names::RINGS);
+        pin_old_map(
+            &rings,
+            BPF_MAP_TYPE_ARRAY,
+            size_of::<u32>(),
+            LIMITS.ring_capacity,
+            BPF_F_MMAPABLE,
+        );
+    });
     let rings_pin = dir.join(map_names::RINGS);
-    pin_old_map(
-        &rings_pin,
-        BPF_MAP_TYPE_ARRAY,
-        size_of::<u32>(),
-        LIMITS.ring_capacity,
-        BPF_F_MMAPABLE,
-    );
     let dp = Dataplane::load_pinned(LIMITS, &dir).expect("loading over the old RINGS");
     assert_eq!(dp.rings.writes(), RingWrites::Mapped);
     assert_eq!(
@@ -691,26 +708,22 @@ fn a_connection_table_pinned_before_it_was_mmapable_is_kept_with_its_flows() {
     if !privileged() {
         return;
     }
-    enter_private_netns();
-    let bpffs = BpfFs::mount("old-conntrack");
-    let dir = bpffs.pin_dir();
-    fs::create_dir_all(&dir).expect("creating the pin directory");
-    pin_old_map(
-        &dir.join(map_names::CONNTRACK),
-        BPF_MAP_TYPE_ARRAY,
-        size_of::<FlowSet>(),
-        conntrack_sets(LIMITS.conntrack_size),
-        0,
-    );
+    let (_bpffs, dir) = pins_of_an_earlier_xlb("old-conntrack", |dir| {
+        let sets = conntrack_sets(LIMITS.conntrack_size);
+        let conntrack = dir.join(map_names::CONNTRACK);
+        pin_old_map(
+            &conntrack,
+            BPF_MAP_TYPE_ARRAY,
+            size_of::<FlowSet>(),
+            sets,
+            0,
+        );
+    });
 
     // Kept as it is (only slower): the programs attached by the older xlb
     // read it, and its flows are connections in flight.
-    let mut dp = Dataplane::load_pinned(LIMITS, &dir).expect("loading over the old CONNTRACK");
+    let mut dp = load_with_web_v4(&dir);
     assert_eq!(dp.reused_maps(), [map_names::CONNTRACK]);
-    dp.settings
-        .set(standard_settings())
-        .expect("writing SETTINGS");
-    program_vip(&mut dp, &WEB_V4);
     let [first, second, ..] = WEB_V4.pool[..] else {
         panic!("a pool of at least two")
     };
@@ -760,28 +773,24 @@ fn counters_pinned_before_the_last_counters_were_added_are_kept() {
     if !privileged() {
         return;
     }
-    enter_private_netns();
-    let bpffs = BpfFs::mount("old-counters");
-    let dir = bpffs.pin_dir();
-    fs::create_dir_all(&dir).expect("creating the pin directory");
     let newest = Counter::IcmpTooBig;
     assert_eq!(newest, *Counter::ALL.last().unwrap());
-    pin_old_map(
-        &dir.join(map_names::COUNTERS),
-        BPF_MAP_TYPE_PERCPU_ARRAY,
-        size_of::<u64>(),
-        newest as u32,
-        0,
-    );
+    let (_bpffs, dir) = pins_of_an_earlier_xlb("old-counters", |dir| {
+        let counters = dir.join(map_names::COUNTERS);
+        let slots = newest as u32;
+        pin_old_map(
+            &counters,
+            BPF_MAP_TYPE_PERCPU_ARRAY,
+            size_of::<u64>(),
+            slots,
+            0,
+        );
+    });
 
     // Kept: the running program counts in it, and the counts are what
     // the operator's graphs continue from.
-    let mut dp = Dataplane::load_pinned(LIMITS, &dir).expect("loading over the old COUNTERS");
+    let mut dp = load_with_web_v4(&dir);
     assert_eq!(dp.reused_maps(), [map_names::COUNTERS]);
-    dp.settings
-        .set(standard_settings())
-        .expect("writing SETTINGS");
-    program_vip(&mut dp, &WEB_V4);
     let [first, ..] = WEB_V4.pool[..] else {
         panic!("a pool")
     };
