@@ -503,19 +503,7 @@ fn each_node_publishes_its_view_of_health_and_disagreement_shows() {
         .ip(["route", "add", "unreachable", "198.18.0.21/32"])
         .expect("a route only node 1 has");
 
-    fleet.ok(
-        0,
-        &[
-            "vip",
-            "add",
-            "web",
-            "198.18.100.1:80",
-            "--ring-size",
-            "1009",
-        ],
-    );
-    fleet.ok(0, &["cluster", "add", "web", "east"]);
-    fleet.ok(0, &["backend", "add", "web", "east", "b1", "198.18.0.21"]);
+    add_web_east_b1(&fleet);
     fleet.ok(1, &["backend", "add", "web", "east", "b2", "198.18.0.22"]);
 
     let key = |node: &str, backend: &str| format!("{PREFIX}/v1/health/{node}/web/east/{backend}");
@@ -689,6 +677,22 @@ fn edit_config(fleet: &Fleet, i: usize, from: &str, to: &str) {
     fs::write(path, text.replace(from, to)).expect("writing a node's config");
 }
 
+/// Through node 0: VIP `web` with cluster `east` and its backend `b1`
+/// (198.18.0.21), which both nodes then probe.
+fn add_web_east_b1(fleet: &Fleet) {
+    let web = [
+        "vip",
+        "add",
+        "web",
+        "198.18.100.1:80",
+        "--ring-size",
+        "1009",
+    ];
+    fleet.ok(0, &web);
+    fleet.ok(0, &["cluster", "add", "web", "east"]);
+    fleet.ok(0, &["backend", "add", "web", "east", "b1", "198.18.0.21"]);
+}
+
 /// Two daemons given one node name (here the same `node.name`; the same
 /// host name without one is the same case) never publish under it
 /// together:
@@ -706,19 +710,7 @@ fn two_nodes_never_publish_under_one_name() {
     }
     let mut fleet = Fleet::new("names", &[XLB.into()], 2, LIMITS);
     let [a0, a1] = [fleet.nodes[0].addr, fleet.nodes[1].addr];
-    fleet.ok(
-        0,
-        &[
-            "vip",
-            "add",
-            "web",
-            "198.18.100.1:80",
-            "--ring-size",
-            "1009",
-        ],
-    );
-    fleet.ok(0, &["cluster", "add", "web", "east"]);
-    fleet.ok(0, &["backend", "add", "web", "east", "b1", "198.18.0.21"]);
+    add_web_east_b1(&fleet);
     wait_for_holder(&fleet, "n0", Some(a0));
     wait_for_holder(&fleet, "n1", Some(a1));
     let view = |node: &str| format!("{PREFIX}/v1/health/{node}/web/east/b1");
