@@ -81,24 +81,10 @@ fn git_commit() -> Option<String> {
 
 /// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
 fn rfc3339(unix_time: u64) -> String {
-    let days = (unix_time / 86_400) as i64;
-    let secs = unix_time % 86_400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
+    i64::try_from(unix_time)
+        .ok()
+        .and_then(|secs| jiff::Timestamp::from_second(secs).ok())
+        .map_or_else(|| format!("{unix_time} s after 1970"), |at| at.to_string())
 }
 
 /// Pins the calling thread to `cpu`, or, when `None`, to the highest CPU it

@@ -242,23 +242,9 @@ fn unix_now() -> f64 {
 
 /// `2026-11-28 00:31:07 UTC`.
 fn unix_time(secs: f64) -> String {
-    let secs = secs.max(0.0) as i64;
-    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil from days (Howard Hinnant's algorithm), 1970-01-01 being day 0.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
+    jiff::Timestamp::from_second(secs.max(0.0) as i64).map_or_else(
+        |_| format!("{secs} s after 1970"),
+        |at| at.strftime("%Y-%m-%d %H:%M:%S UTC").to_string(),
     )
 }
 
