@@ -151,16 +151,13 @@ fn assert_scraped_revisions(fleet: &Fleet, what: &str) {
 /// Waits (a minute at most: a guard, not a target) until node `i`'s store
 /// status satisfies `done`.
 fn wait_until(fleet: &Fleet, i: usize, what: &str, done: impl Fn(&StoreStatus) -> bool) {
-    let mut waited = Duration::ZERO;
-    while !done(&fleet.status(i).store.expect("store status")) {
-        assert!(
-            waited < Duration::from_secs(60),
-            "node {i} never {what}:\n{}",
-            fleet.logs()
-        );
-        thread::sleep(Duration::from_millis(50));
-        waited += Duration::from_millis(50);
-    }
+    eventually(fleet, || {
+        if done(&fleet.status(i).store.expect("store status")) {
+            Ok(())
+        } else {
+            Err(format!("node {i} never {what}"))
+        }
+    })
 }
 
 #[test]
@@ -421,6 +418,20 @@ fn serve_tcp(
     stop
 }
 
+/// Polls `check` every 50 ms until it gives a value, for a minute at most
+/// (a guard, not a target); then fails with what it last said and the
+/// nodes' logs.
+fn eventually<T>(fleet: &Fleet, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(why) => assert!(Instant::now() < deadline, "{why}\n{}", fleet.logs()),
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Waits (a minute at most: a guard, not a target) until the health views
 /// in etcd satisfy `done`.
 fn wait_for_views(
@@ -428,9 +439,8 @@ fn wait_for_views(
     what: &str,
     done: impl Fn(&BTreeMap<String, HealthValue>) -> bool,
 ) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let root = format!("{PREFIX}/v1/health/");
+    let root = format!("{PREFIX}/v1/health/");
+    eventually(fleet, || {
         let views: BTreeMap<String, HealthValue> = fleet
             .get_prefix(&root)
             .into_iter()
@@ -442,34 +452,25 @@ fn wait_for_views(
             })
             .collect();
         if done(&views) {
-            return;
+            Ok(())
+        } else {
+            Err(format!("the health views never {what}: {views:#?}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "the health views never {what}: {views:#?}\n{}",
-            fleet.logs()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    })
 }
 
 /// Waits (a minute at most: a guard, not a target) until node `i`'s
 /// `/metrics` shows `value` for the unlabelled `name`.
 fn wait_for_metric(fleet: &Fleet, i: usize, name: &str, value: f64) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let text = eventually(fleet, || {
         let text = fleet.scrape(i);
         if sample(&text, name) == Some(value) {
-            promtool_check(&text);
-            return;
+            Ok(text)
+        } else {
+            Err(format!("node {i} never showed {name} {value}:\n{text}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "node {i} never showed {name} {value}:\n{text}\n{}",
-            fleet.logs()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    });
+    promtool_check(&text);
 }
 
 /// Two nodes probe the same two backends; one of them has no route to
@@ -654,19 +655,14 @@ fn holder(fleet: &Fleet, node: &str) -> Option<Holder> {
 /// Waits (a minute at most: a guard, not a target) until node name `node`
 /// is held by the node at `addr` (None: by nobody).
 fn wait_for_holder(fleet: &Fleet, node: &str, addr: Option<Ipv4Addr>) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    eventually(fleet, || {
         let held = holder(fleet, node);
         if held.as_ref().map(|h| h.addrs.clone()) == addr.map(|a| vec![IpAddr::V4(a)]) {
-            return;
+            Ok(())
+        } else {
+            Err(format!("node name {node} never went to {addr:?}: {held:?}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "node name {node} never went to {addr:?}: {held:?}\n{}",
-            fleet.logs()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    })
 }
 
 /// Node `i`'s config with `from` replaced by `to`.
