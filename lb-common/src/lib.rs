@@ -269,6 +269,12 @@ pub fn conntrack_sets(entries: u32) -> u32 {
     }
 }
 
+/// ICMP too-big replies each CPU may send per second, and at once: what
+/// Linux allows its own ICMP errors by default (`icmp_msgs_per_sec`), so
+/// that a flood of oversized packets (perhaps from forged sources) draws
+/// no more replies from a node than from a router.
+pub const ICMP_REPLIES_PER_SEC: u64 = 1000;
+
 /// Ring slots per [`RingLine`].
 pub const RING_LINE_SLOTS: u32 = 32;
 
@@ -465,10 +471,14 @@ pub enum Counter {
     /// like every counter added later: a counter keeps its index across
     /// versions, so the pinned map of a running xlb stays readable.)
     IcmpTooBig,
+    /// Reason: a packet too big for the tunnel went unanswered (and counts
+    /// as `DropTooBig`): its CPU had already sent `ICMP_REPLIES_PER_SEC`
+    /// replies in the last second.
+    IcmpLimited,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 30] = [
+    pub const ALL: [Counter; 31] = [
         Counter::PassNotIp,
         Counter::PassNotVip,
         Counter::PassMalformed,
@@ -499,6 +509,7 @@ impl Counter {
         Counter::ProbeDropTooBig,
         Counter::ProbeDropEncapFailed,
         Counter::IcmpTooBig,
+        Counter::IcmpLimited,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -535,6 +546,7 @@ impl Counter {
             Counter::ProbeDropTooBig => "probe_drop_too_big",
             Counter::ProbeDropEncapFailed => "probe_drop_encap_failed",
             Counter::IcmpTooBig => "icmp_too_big",
+            Counter::IcmpLimited => "icmp_limited",
         }
     }
 }

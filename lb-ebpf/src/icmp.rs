@@ -9,15 +9,18 @@
 //! The reply is built in the packet itself: room for the new IP and ICMP
 //! headers is made in front of the client's IP packet, which is cut after
 //! the bytes the message quotes, and the frame goes back the way it came
-//! (XDP_TX).
+//! (XDP_TX). Like a router's, the replies are rate-limited: each CPU sends
+//! at most `ICMP_REPLIES_PER_SEC` a second; past that the packet is only
+//! dropped.
 
 use aya_ebpf::{
     helpers::generated::{
-        bpf_csum_diff, bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_get_buff_len,
+        bpf_csum_diff, bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+        bpf_xdp_get_buff_len,
     },
     programs::XdpContext,
 };
-use lb_common::{Counter, FAMILY_V4, IPV4_HDR_LEN, IPV6_HDR_LEN, OUTER_TTL};
+use lb_common::{Counter, FAMILY_V4, ICMP_REPLIES_PER_SEC, IPV4_HDR_LEN, IPV6_HDR_LEN, OUTER_TTL};
 use lb_ebpf::{
     headers::{
         ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMPV6_PACKET_TOO_BIG, IPPROTO_ICMP, IPPROTO_ICMPV6,
@@ -26,7 +29,11 @@ use lb_ebpf::{
     packet::{ptr_at, write_at},
 };
 
-use crate::parse::{L2, Packet};
+use crate::{
+    counters::count,
+    maps::ICMP_BUDGET,
+    parse::{L2, Packet},
+};
 
 /// Bytes of the client's IP packet an IPv4 reply quotes: the longest IPv4
 /// header and the 8 bytes after it, which hold the ports the client needs
@@ -50,6 +57,10 @@ pub fn too_big(
     overhead: u32,
 ) -> Result<Counter, Counter> {
     if !pkt.dont_fragment {
+        return Err(Counter::DropTooBig);
+    }
+    if !within_budget() {
+        count(Counter::IcmpLimited);
         return Err(Counter::DropTooBig);
     }
     let inner_mtu = mtu.saturating_sub(overhead);
@@ -138,6 +149,32 @@ fn reply<const QUOTE: usize, const HDRS: usize>(
         .ok_or(Counter::DropEncapFailed)?;
     let quote_sum = sum_packet::<QUOTE>(ctx, l2.len + HDRS).ok_or(Counter::DropEncapFailed)?;
     write(l2.len, quote_sum).ok_or(Counter::DropEncapFailed)
+}
+
+/// Nanoseconds of budget one reply costs, and the most a CPU saves up: a
+/// second's worth, so a burst after a quiet spell is as large as a second.
+const NS_PER_REPLY: u64 = 1_000_000_000 / ICMP_REPLIES_PER_SEC;
+const MAX_CREDIT_NS: u64 = ICMP_REPLIES_PER_SEC * NS_PER_REPLY;
+
+/// Spends one reply of this CPU's budget, if there is one left.
+#[inline(always)]
+fn within_budget() -> bool {
+    let Some(budget) = ICMP_BUDGET.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: the helper has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: this CPU's slot of a per-CPU array; nothing else writes it
+    // while this program runs on this CPU.
+    let budget = unsafe { &mut *budget };
+    let credit = budget
+        .credit_ns
+        .saturating_add(now.saturating_sub(budget.last_ns))
+        .min(MAX_CREDIT_NS);
+    budget.last_ns = now;
+    let spent = credit >= NS_PER_REPLY;
+    budget.credit_ns = if spent { credit - NS_PER_REPLY } else { credit };
+    spent
 }
 
 #[inline(always)]

@@ -73,6 +73,19 @@ pub static VIP_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(DEFAU
 pub static BACKEND_STATS: PerCpuArray<Traffic> =
     PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
+/// Per CPU, the ICMP too-big replies it may still send (see `icmp.rs`).
+/// Program state only: not pinned, so a restart starts with a full budget.
+#[map]
+pub static ICMP_BUDGET: PerCpuArray<IcmpBudget> = PerCpuArray::with_max_entries(1, 0);
+
+/// A token bucket kept in nanoseconds: `credit_ns` of sending time saved up
+/// as of `last_ns`, each reply costing a share of a second.
+#[derive(Clone, Copy)]
+pub struct IcmpBudget {
+    pub credit_ns: u64,
+    pub last_ns: u64,
+}
+
 #[map]
 pub static DECAP_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(MAX_DECAP_ADDRS, 0);
 

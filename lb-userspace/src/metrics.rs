@@ -314,7 +314,7 @@ pub fn verdict_of(counter: Counter) -> Option<&'static str> {
         ProbeEncap | ProbeDropNoBackend | ProbeDropNoRoute | ProbeDropMalformed
         | ProbeDropTooBig | ProbeDropEncapFailed => Some("probe_egress"),
         Fragment | Ipv4Options | ConnHit | ConnMiss | ConnInsertFailed | ConnEvicted
-        | ConnBackendDown | FibLookup | GatewayFallback => None,
+        | ConnBackendDown | FibLookup | GatewayFallback | IcmpLimited => None,
     }
 }
 

@@ -10,7 +10,8 @@
 use std::net::IpAddr;
 
 use lb_common::{
-    ConnSlot, Counter::*, FLOW_WAYS, FlowKey, NextHop, SETTINGS_F_GATEWAY_MAC, ring_slot,
+    ConnSlot, Counter::*, FLOW_WAYS, FlowKey, ICMP_REPLIES_PER_SEC, NextHop,
+    SETTINGS_F_GATEWAY_MAC, ring_slot,
 };
 use xlb_tests::*;
 
@@ -478,6 +479,33 @@ fn packet_too_big_for_the_next_hop_is_answered_with_icmp_from_the_vip() {
         moved.assert_counters(&[ConnHit, IcmpTooBig]);
         moved.assert_no_traffic();
     }
+}
+
+#[test]
+fn icmp_replies_are_limited_per_cpu_as_a_router_limits_its_own() {
+    let mut fx = fixture!();
+    let fits = Pkt::tcp_ack(CLIENT_V4, 40000, WEB_V4.addr, 80).payload(&[7; 200]);
+    fill_the_mtu(&mut fx, &WEB_V4, &fits);
+    let too_big = fits.payload(&[7; 201]).build();
+    // More than this machine's CPUs may answer within the second the
+    // calls take (a few milliseconds): a fresh data plane's budget is a
+    // full second's worth per CPU, and the thread may move between CPUs.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let sent = (cpus + 2) * ICMP_REPLIES_PER_SEC;
+    let before = fx.counters();
+    for _ in 0..sent {
+        let action = fx.run(&too_big).action;
+        assert!(matches!(action, Action::Tx | Action::Drop), "{action:?}");
+    }
+    let moved = fx.counters().since(&before);
+    let (answered, limited) = (moved.count(IcmpTooBig), moved.count(IcmpLimited));
+    assert_eq!(answered + limited, sent, "{moved:?}");
+    assert_eq!(moved.count(DropTooBig), limited, "{moved:?}");
+    assert!(
+        answered >= ICMP_REPLIES_PER_SEC,
+        "a full burst answered: {moved:?}"
+    );
+    assert!(limited > 0, "the rest limited: {moved:?}");
 }
 
 #[test]
