@@ -49,6 +49,16 @@ use xlb_tests::{
 };
 
 const XLB: &str = env!("CARGO_BIN_EXE_xlb-for-tests");
+/// The `xlb` arguments that create VIP `web` (a small ring: quick to
+/// rebuild on every node).
+const ADD_WEB: [&str; 6] = [
+    "vip",
+    "add",
+    "web",
+    "198.18.100.1:80",
+    "--ring-size",
+    "1009",
+];
 const LIMITS: Limits = Limits {
     max_vips: 8,
     max_backends: 64,
@@ -173,17 +183,7 @@ fn a_fleet_on_etcd_agrees_through_changes_bad_values_and_a_store_outage() {
     }
 
     // -- Changes through different nodes' command lines.
-    let said = fleet.ok(
-        0,
-        &[
-            "vip",
-            "add",
-            "web",
-            "198.18.100.1:80",
-            "--ring-size",
-            "1009",
-        ],
-    );
+    let said = fleet.ok(0, &ADD_WEB);
     assert!(said.contains("etcd revision"), "{said}");
     fleet.ok(1, &["cluster", "add", "web", "east", "--weight", "2"]);
     fleet.ok(2, &["cluster", "add", "web", "west"]);
@@ -676,15 +676,7 @@ fn edit_config(fleet: &Fleet, i: usize, from: &str, to: &str) {
 /// Through node 0: VIP `web` with cluster `east` and its backend `b1`
 /// (198.18.0.21), which both nodes then probe.
 fn add_web_east_b1(fleet: &Fleet) {
-    let web = [
-        "vip",
-        "add",
-        "web",
-        "198.18.100.1:80",
-        "--ring-size",
-        "1009",
-    ];
-    fleet.ok(0, &web);
+    fleet.ok(0, &ADD_WEB);
     fleet.ok(0, &["cluster", "add", "web", "east"]);
     fleet.ok(0, &["backend", "add", "web", "east", "b1", "198.18.0.21"]);
 }
